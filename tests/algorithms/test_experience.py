@@ -1,0 +1,53 @@
+"""Experience batching: shuffled mini-batches keep every field of a row together."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatforge.algorithms import Experience
+
+
+def _experience(batch: int = 5, prompt: int = 2, response: int = 3) -> Experience:
+    row = torch.arange(batch, dtype=torch.float32)[:, None]  # every tensor's row b holds the value b
+    per_token = row.expand(batch, response).clone()
+    return Experience(
+        sequences=row.long().expand(batch, prompt + response).clone(),
+        attention_mask=torch.ones(batch, prompt + response, dtype=torch.long),
+        response_mask=torch.ones(batch, response, dtype=torch.long),
+        prompt_len=prompt,
+        logprobs=per_token,
+        ref_logprobs=per_token + 100,
+        values=per_token,
+        scores=row.squeeze(1),
+        rewards=per_token,
+        advantages=per_token,
+        returns=per_token,
+    )
+
+
+def test_minibatches_split_shuffle_and_keep_rows_together():
+    exp = _experience()
+    parts = exp.minibatches(2, torch.Generator().manual_seed(0))
+    assert [p.size for p in parts] == [3, 2]
+    seen = torch.cat([p.scores for p in parts]).long()
+    assert sorted(seen.tolist()) == [0, 1, 2, 3, 4]
+    assert seen.tolist() != [0, 1, 2, 3, 4]  # shuffled, not split in order
+    for part in parts:
+        assert part.prompt_len == 2 and part.gen_logprobs is None
+        assert torch.equal(part.sequences[:, 0].float(), part.scores)
+        assert torch.equal(part.ref_logprobs[:, 0], part.scores + 100)
+    again = exp.minibatches(2, torch.Generator().manual_seed(0))
+    assert [p.scores.tolist() for p in parts] == [p.scores.tolist() for p in again]
+
+
+def test_to_and_size():
+    exp = _experience()
+    moved = exp.to("cpu")
+    assert moved.size == 5 and moved.prompt_len == 2
+    assert torch.equal(moved.advantages, exp.advantages)
+
+
+def test_minibatches_reject_bad_counts():
+    with pytest.raises(ValueError):
+        _experience(batch=2).minibatches(3)
