@@ -47,6 +47,9 @@ def run(args) -> int:
     from chatforge.inference.repl import HELP, read_lines, run_repl
 
     chat_model = load_chat_model(args)
+    # A tiny or badly trained model can emit text a narrow terminal encoding cannot show; never crash on it.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"chatting with {chat_model.name}; {HELP}", file=sys.stderr)
