@@ -30,15 +30,20 @@ def register(sub) -> None:
 
 
 def load_chat_model(args):
-    """The `ChatModel` named by `add_model_args` options."""
+    """The `ChatModel` named by `add_model_args` options; a bad dir or template exits with a one-line error."""
+    import sys
     from pathlib import Path
 
     from chatforge.inference import ChatModel
 
-    template = args.chat_template
-    if template and template != "fallback":
-        template = Path(template).read_text()
-    return ChatModel(args.model, device=args.device, dtype=args.dtype, chat_template=template)
+    try:
+        template = args.chat_template
+        if template and template != "fallback":
+            template = Path(template).read_text()
+        return ChatModel(args.model, device=args.device, dtype=args.dtype, chat_template=template)
+    except (OSError, ValueError) as exc:
+        print(f"chatforge {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
 
 
 def run(args) -> int:
