@@ -42,9 +42,12 @@ def run_repl(
             continue
         if command in ("/quit", "/exit"):
             break
-        if command in ("/reset", "/help"):
-            history.clear() if command == "/reset" else None
-            print("(conversation cleared)" if command == "/reset" else HELP, file=err, flush=True)
+        if command == "/reset":
+            history.clear()
+            print("(conversation cleared)", file=err, flush=True)
+            continue
+        if command == "/help":
+            print(HELP, file=err, flush=True)
             continue
         user = {"role": "user", "content": text}
         reply = _answer(chat_model, preamble + history + [user], out, err, gen or {})
