@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("fixtures", help="write a local tokenizer and tiny Llama/OPT/GPT-2/Qwen2 models (offline)")
+    p = sub.add_parser(
+        "fixtures", help="write a local tokenizer and tiny Llama/OPT/GPT-2/Qwen2 models (offline)"
+    )
     p.add_argument("--output-dir", required=True, help="where to write the model dirs")
     p.add_argument("--families", default="llama,opt,gpt2,qwen2", help="comma-separated model families")
     p.add_argument("--size", choices=("tiny", "small"), default="tiny", help="model size preset")

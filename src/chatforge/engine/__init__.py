@@ -1,0 +1,26 @@
+"""The engine boundary: the only package that imports deepspeed.
+
+Trainers build a `TrainEngine` per model and call forward/backward/step, `gathered()`, `save_hf()`
+and the checkpoint methods; nothing outside this package touches DeepSpeed.
+"""
+
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from .ds_config import build_ds_config, resolve_precision, torch_dtype
+from .export import atomic_dir, gathered_state_dict, save_hf
+from .train_engine import TrainEngine, zero3_init
+
+__all__ = [
+    "DistInfo",
+    "TrainEngine",
+    "all_reduce_sum",
+    "atomic_dir",
+    "barrier",
+    "broadcast_object",
+    "build_ds_config",
+    "gathered_state_dict",
+    "init_distributed",
+    "resolve_precision",
+    "save_hf",
+    "torch_dtype",
+    "zero3_init",
+]

@@ -1,0 +1,85 @@
+"""Derive a DeepSpeed config dict from chatforge's typed EngineConfig (or merge a user's JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from chatforge.config import ConfigError, EngineConfig
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16 on GPUs that support it, else fp32 (CPU bf16 is ~12x slower; fp16 is refused)."""
+    if precision != "auto":
+        if precision in ("bf16", "fp16") and not torch.cuda.is_available() and precision == "fp16":
+            raise ConfigError("engine.precision=fp16 is not supported on CPU; use fp32 (or bf16, slow)")
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        resolve_precision(precision)
+    ]
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_ds_config(
+    cfg: EngineConfig, micro_batch_size: int, gradient_accumulation_steps: int, train: bool = True
+) -> dict:
+    """The DeepSpeed config for one model. The optimizer is passed as a torch object, never named here:
+    naming one makes DeepSpeed build FusedAdam (minutes on CPU)."""
+    precision = resolve_precision(cfg.precision)
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1 and cfg.offload_optimizer and train:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # Small models: keep tiny params resident instead of re-gathering them every forward.
+        zero["stage3_param_persistence_threshold"] = 10_000
+        if cfg.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": cfg.gradient_clipping if train else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale_window": 100, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if cfg.deepspeed_config:
+        _deep_merge(ds, load_user_config(cfg.deepspeed_config))
+    return ds
+
+
+def load_user_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"engine.deepspeed_config: {p} does not exist")
+    try:
+        user = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"engine.deepspeed_config: {p} is not valid JSON ({exc})") from None
+    if "optimizer" in user:
+        raise ConfigError(
+            f"engine.deepspeed_config: {p} names an optimizer; remove the 'optimizer' block "
+            "(chatforge passes AdamW / DeepSpeedCPUAdam itself and sets lr via optim.*)"
+        )
+    # Batch sizes come from train.*; a stale train_batch_size would contradict them.
+    user.pop("train_batch_size", None)
+    return user

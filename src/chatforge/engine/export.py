@@ -1,0 +1,127 @@
+"""Write plain HF model dirs from a (possibly ZeRO-3 sharded, possibly LoRA) model, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from .distributed import barrier
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, is_main: bool) -> Iterator[Path]:
+    """Yield a temp dir beside `out_dir`; on success it replaces `out_dir` in one rename.
+
+    A crash mid-write leaves the previous `out_dir` intact and only a `.tmp-*` dir behind.
+    """
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    yield tmp
+    if is_main:
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _own_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters(recurse=False)
+    for name, buf in module.named_buffers(recurse=False):
+        if name not in module._non_persistent_buffers_set:
+            yield name, buf
+
+
+def _lora_kind(module: torch.nn.Module) -> str | None:
+    """'lora' for a peft LoRA layer, 'saved' for a modules_to_save wrapper, else None."""
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(module, LoraLayer):
+        return "lora"
+    if isinstance(module, ModulesToSaveWrapper):
+        return "saved"
+    return None
+
+
+def _merged_lora_tensors(module, prefix: str) -> dict[str, torch.Tensor]:
+    """W + delta of every active adapter (peft's own delta math, which knows fan_in_fan_out)."""
+    base = module.get_base_layer()
+    weight = base.weight.detach().clone()
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            weight += module.get_delta_weight(adapter).to(weight.dtype)
+    out = {f"{prefix}weight": weight}
+    if getattr(base, "bias", None) is not None:
+        out[f"{prefix}bias"] = base.bias.detach().clone()
+    return out
+
+
+def gathered_state_dict(model: torch.nn.Module, merge_lora: bool, is_main: bool) -> dict[str, torch.Tensor]:
+    """Full state dict on CPU on the main rank ({} elsewhere), gathering ZeRO-3 shards module by module.
+
+    With `merge_lora`, keys are the base model's (LoRA folded in); otherwise peft's own names.
+    Gathering one module at a time bounds the extra memory to the largest module.
+    """
+    from chatforge.models.lora import is_peft_model
+
+    peft = is_peft_model(model)
+    root = model.get_base_model() if (peft and merge_lora) else model
+    state: dict[str, torch.Tensor] = {}
+    skip: list[str] = []
+    for name, module in root.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        prefix = f"{name}." if name else ""
+        kind = _lora_kind(module) if merge_lora else None
+        if kind == "saved":
+            module = module.modules_to_save[module.active_adapters[0]]
+        params = list(module.parameters(recurse=kind is not None))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if not is_main:
+                pass
+            elif kind == "lora":
+                state.update({k: v.cpu() for k, v in _merged_lora_tensors(module, prefix).items()})
+            elif kind == "saved":
+                state.update(
+                    {f"{prefix}{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                )
+            else:
+                state.update({f"{prefix}{k}": v.detach().cpu().clone() for k, v in _own_tensors(module)})
+        if kind is not None:
+            skip.append(name)
+    return state
+
+
+def save_hf(
+    model, out_dir: str | Path, tokenizer=None, lora_save: str = "merged", is_main: bool = True
+) -> Path:
+    """Write `model` as a plain HF dir (or a peft adapter dir when lora_save='adapter'), atomically.
+
+    Every rank must call this under ZeRO-3 (the gather is collective)."""
+    from chatforge.models.lora import is_peft_model
+
+    peft = is_peft_model(model)
+    merge = not (peft and lora_save == "adapter")
+    state = gathered_state_dict(model, merge_lora=merge, is_main=is_main)
+    with atomic_dir(out_dir, is_main) as tmp:
+        if is_main:
+            target = model.get_base_model() if (peft and merge) else model
+            # transformers 5 empties the dict it is given; it is not reused here.
+            target.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+    barrier()
+    return Path(out_dir)

@@ -1,0 +1,51 @@
+"""Optimizer and learning-rate schedule handed to DeepSpeed as objects."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from chatforge.config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable params split so that biases and norm weights get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, offload: bool) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    betas = (cfg.betas[0], cfg.betas[1])
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.eps)
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    """Multiplier of the peak lr at an optimizer step: linear warmup, then constant/linear/cosine decay."""
+    warmup = cfg.warmup(total_steps)
+    floor = cfg.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_scheduler == "constant" or total_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        shape = 1.0 - progress if cfg.lr_scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * shape
+
+    return fn
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))

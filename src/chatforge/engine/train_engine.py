@@ -1,0 +1,168 @@
+"""`TrainEngine`: one model under DeepSpeed (train or frozen), the only door trainers use to DeepSpeed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from chatforge.config import EngineConfig, OptimConfig
+
+from .distributed import DistInfo, init_distributed
+from .ds_config import build_ds_config, torch_dtype
+from .export import save_hf
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict, enabled: bool) -> Iterator[None]:
+    """While active, transformers' from_pretrained/from_config build ZeRO-3 partitioned models.
+
+    Unset afterwards so that later, differently configured models are not partitioned by accident.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()
+
+
+class TrainEngine:
+    """A model wrapped by DeepSpeed with its optimizer and schedule (or frozen, when `optim` is None).
+
+    `model_factory` builds the HF model; it runs inside the ZeRO-3 init context when needed, so
+    parameters are sharded as they load instead of materialising the whole model on every rank.
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[torch.dtype], torch.nn.Module],
+        cfg: EngineConfig,
+        optim: OptimConfig | None = None,
+        *,
+        micro_batch_size: int = 1,
+        gradient_accumulation_steps: int = 1,
+        total_steps: int = 1,
+        trainable_heads: tuple[str, ...] = (),
+        dist: DistInfo | None = None,
+    ):
+        self.cfg = cfg
+        self.dist = dist or init_distributed()
+        self.trainable = optim is not None
+        self.dtype = torch_dtype(cfg.precision)
+        self.ds_config = build_ds_config(cfg, micro_batch_size, gradient_accumulation_steps, self.trainable)
+        with zero3_init(self.ds_config, cfg.zero_stage == 3):
+            model = model_factory(self.dtype)
+        model = self._prepare(model, trainable_heads)
+        optimizer = scheduler = None
+        if self.trainable:
+            optimizer = build_optimizer(model, optim, offload=cfg.offload_optimizer)
+            scheduler = build_scheduler(optimizer, optim, total_steps)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.gather_count = 0
+        self.train() if self.trainable else self.eval()
+
+    def _prepare(self, model: torch.nn.Module, trainable_heads: tuple[str, ...]) -> torch.nn.Module:
+        if self.cfg.gradient_checkpointing and self.trainable:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.cfg.lora.enabled and self.trainable:
+            from chatforge.models.lora import apply_lora
+
+            model = apply_lora(model, self.cfg.lora, trainable_heads)
+        if not self.trainable:
+            model.requires_grad_(False)
+        return model
+
+    # --- the training step -------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        """The HF model (a peft model when LoRA is on); call it through the engine for training."""
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a micro-batch loss; DeepSpeed divides by gradient_accumulation_steps."""
+        self.ds.backward(loss)
+
+    def step(self) -> bool:
+        """Count a micro step; at an accumulation boundary also update weights and lr. Returns
+        True when the weights were updated."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        self.ds.step()
+        return boundary
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else 0.0
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    @property
+    def global_steps(self) -> int:
+        return int(self.ds.global_steps)
+
+    # --- gathering, export, checkpoints ---------------------------------------------------
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[torch.nn.Module]:
+        """Gather all ZeRO-3 shards once (read-only) and yield the full module; a no-op below stage 3.
+
+        Used for generation and export: one all-gather per call, not one per forward.
+        """
+        self.gather_count += 1
+        params = list(self.module.parameters()) if self.cfg.zero_stage == 3 else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+            yield self.module
+
+    def save_hf(self, out_dir: str | Path, tokenizer=None, lora_save: str | None = None) -> Path:
+        """Plain HF model dir (LoRA merged) or peft adapter dir; all ranks must call it."""
+        mode = lora_save or self.cfg.lora.save
+        return save_hf(self.module, out_dir, tokenizer, lora_save=mode, is_main=self.dist.is_main)
+
+    def save_checkpoint(self, ckpt_dir: str | Path, tag: str, client_state: dict | None = None) -> None:
+        """Full training state (weights, optimizer, scheduler, client_state); DeepSpeed writes the
+        `latest` pointer only after every shard is on disk, so a crash never points to half a checkpoint."""
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state or {})
+
+    def load_checkpoint(self, ckpt_dir: str | Path, tag: str | None = None) -> dict | None:
+        """Restore the latest (or `tag`) checkpoint; returns its client_state, None if there is none."""
+        if tag is None and not (Path(ckpt_dir) / "latest").is_file():
+            return None
+        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            return None
+        return client_state or {}

@@ -1,0 +1,1 @@
+"""Model loading, LoRA (peft), reward/critic value heads, EMA."""

@@ -1,0 +1,40 @@
+"""LoRA through peft: wrap a model, and read merged weights of a LoRA layer for export."""
+
+from __future__ import annotations
+
+import torch
+
+from chatforge.config import LoRAConfig
+
+SCORE_HEADS = ("score",)
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, trainable_heads: tuple[str, ...] = ()):
+    """Wrap `model` with peft LoRA adapters. `trainable_heads` (e.g. a reward model's `score`) are
+    trained in full beside the adapters, since a fresh head cannot be learned through a low-rank delta."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules
+    target = "all-linear" if targets == ["all-linear"] else list(targets)
+    peft_cfg = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target,
+        modules_to_save=list(trainable_heads) or None,
+        exclude_modules=list(trainable_heads) or None,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying transformers model (inside peft's wrappers when LoRA is on)."""
+    return model.get_base_model() if is_peft_model(model) else model

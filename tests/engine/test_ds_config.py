@@ -1,0 +1,78 @@
+"""Pure checks of the DeepSpeed config derivation and the lr schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatforge.config import ConfigError, EngineConfig, OptimConfig
+
+
+def test_zero3_offload_config_has_no_optimizer_block():
+    from chatforge.engine.ds_config import build_ds_config
+
+    cfg = EngineConfig(zero_stage=3, offload_optimizer=True, offload_params=True, precision="fp32")
+    ds = build_ds_config(cfg, micro_batch_size=4, gradient_accumulation_steps=2)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
+    assert "optimizer" not in ds and not ds["bf16"]["enabled"]
+
+
+def test_user_json_overrides_and_rejects_optimizer(tmp_path):
+    from chatforge.engine.ds_config import build_ds_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}, "train_batch_size": 99}))
+    ds = build_ds_config(EngineConfig(zero_stage=2, deepspeed_config=str(user)), 2, 1)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 123}
+    assert "train_batch_size" not in ds
+    user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="names an optimizer"):
+        build_ds_config(EngineConfig(deepspeed_config=str(user)), 2, 1)
+    user.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        build_ds_config(EngineConfig(deepspeed_config=str(user)), 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"zero_stage": 4}, "zero_stage must be"), ({"offload_optimizer": True}, "needs engine.zero_stage >= 1"),
+     ({"zero_stage": 2, "offload_params": True}, "needs engine.zero_stage=3")],
+)  # fmt: skip
+def test_engine_config_validation(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(**kwargs).validate()
+
+
+def test_cpu_precision_auto_is_fp32_and_fp16_refused():
+    from chatforge.engine.ds_config import resolve_precision
+
+    assert resolve_precision("auto") == "fp32"
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
+        resolve_precision("fp16")
+
+
+def test_lr_schedule_warmup_then_cosine_and_linear():
+    from chatforge.engine.optim import lr_lambda
+
+    cos = lr_lambda(OptimConfig(lr_scheduler="cosine", warmup_steps=2), total_steps=6)
+    # warmup 1/2, 2/2; then cos over 4 steps: 0.5*(1+cos(pi*k/4)) for k = 0..4
+    assert [round(cos(s), 4) for s in range(7)] == [0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464, 0.0]
+    lin = lr_lambda(OptimConfig(lr_scheduler="linear", warmup_ratio=0.0, min_lr_ratio=0.1), total_steps=4)
+    assert [round(lin(s), 3) for s in range(5)] == [1.0, 0.775, 0.55, 0.325, 0.1]
+    const = lr_lambda(OptimConfig(lr_scheduler="constant", warmup_steps=1), total_steps=4)
+    assert [const(s) for s in range(3)] == [1.0, 1.0, 1.0]
+
+
+def test_param_groups_skip_decay_on_norms_and_biases():
+    import torch
+
+    from chatforge.engine.optim import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and len(decay["params"]) == 1
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
