@@ -100,13 +100,17 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     datasets: list[str] = field(default_factory=list)
-    """Dataset specs 'name_or_path[:weight]' (hub name, .json/.jsonl/.parquet/.csv file, or Arrow dir)."""
+    """Dataset specs 'name_or_path[:weight][:sft|:prompts][:split=NAME][:format=NAME]' (hub name, .json/.jsonl/.parquet/.csv file, or Arrow dir); see docs/data.md."""
     data_split: list[float] = field(default_factory=lambda: [2.0, 4.0, 4.0])
     """Relative share of each dataset for steps 1 (SFT), 2 (reward), 3 (PPO prompts)."""
     eval_fraction: float = 0.05
     """Share of each step's part held out for evaluation."""
     format: str = "auto"
-    """Row format: 'auto' (detected from the columns) or a named adapter."""
+    """Row format: 'auto' (detected from the columns) or a named adapter: dschat, hh, conversational, standard, text."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Rename source columns before format detection, e.g. {question: prompt, answer: completion}."""
+    split: str = "train"
+    """Split read from hub datasets and saved DatasetDicts (a spec's ':split=NAME' overrides it)."""
     max_prompt_length: int = 256
     """Prompt tokens kept (truncated from the left)."""
     max_length: int = 512
@@ -119,6 +123,16 @@ class DataConfig:
     """Where tokenised data is cached (default: ~/.cache/chatforge/data)."""
     seed: int = 1234
     """Seed of the deterministic split and shuffle."""
+
+    def validate(self, name: str = "data") -> None:
+        if len(self.data_split) != 3 or min(self.data_split) < 0 or sum(self.data_split) <= 0:
+            raise ConfigError(
+                f"{name}.data_split must be 3 non-negative numbers with a positive sum, e.g. 2,4,4"
+            )
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"{name}.eval_fraction must be in [0, 1)")
+        if self.max_length < 2 or not 1 <= self.max_prompt_length <= self.max_length:
+            raise ConfigError(f"{name}: need 1 <= max_prompt_length <= max_length and max_length >= 2")
 
 
 @dataclass
