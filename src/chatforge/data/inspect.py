@@ -36,6 +36,7 @@ def _describe_source(text: str, cfg, raw_cache: str, lines: list[str]) -> set[st
     load_unified(text, cfg)  # validates every row, so a bad row is reported even without a tokenizer
     lines.append(f"== {spec.name}  (weight {spec.weight:g}, role {spec.role})")
     lines.append(f"format: {fmt_name}   rows: {len(raw)}   columns: {', '.join(raw.column_names)}")
+    lines.append("  rows per step (before weighting):")
     steps = {s for s in STEPS if can_serve(fmt, raw.column_names, s)}
     for step in SPLIT_STEPS:
         train, evals = train_eval(
