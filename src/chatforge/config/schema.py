@@ -139,6 +139,8 @@ class DataConfig:
 class LoopConfig:
     output_dir: str = "runs/out"
     """Where checkpoints, metrics and the final HF model go."""
+    final_model_dir: str | None = None
+    """Where the final plain HF model is written (default: <output_dir>/model)."""
     seed: int = 1234
     """Seed of model init (heads), dropout and data order."""
     epochs: int = 1

@@ -2,9 +2,14 @@
 
 HF's own pooling finds the last token by searching for pad ids, which breaks with left padding and when
 pad == eos. Here the last real token comes from the attention mask, so left and right padding agree.
+The per-token outputs of the `score` head are read with a forward hook, so the model is still called
+through its root forward (a DeepSpeed engine's included) and ZeRO-3's per-step bookkeeping holds.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
 
 import torch
 
@@ -23,34 +28,48 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), positions, -1).max(dim=-1).values
 
 
-def _score_head(model: torch.nn.Module) -> torch.nn.Module:
-    head = getattr(model, "score", None)
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    head = getattr(base_model_of(model), "score", None)
     if head is None:
         raise TypeError(
-            f"{type(model).__name__} has no `score` head; load the reward/critic model with "
+            f"{type(base_model_of(model)).__name__} has no `score` head; load the reward/critic model with "
             "AutoModelForSequenceClassification (num_labels=1)"
         )
     return head
 
 
+def _accepts_position_ids(model: torch.nn.Module) -> bool:
+    return "position_ids" in inspect.signature(base_model_of(model).forward).parameters
+
+
 def token_values(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    forward: Callable | None = None,
 ) -> torch.Tensor:
-    """(B, T) scalar output of the score head at every position (the critic's V(s_t))."""
-    base = base_model_of(model)
-    hidden = base.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    return _score_head(base)(hidden).squeeze(-1).float()
+    """(B, T) the score head's output at every position (the critic's V(s_t)).
+
+    `forward` is what to call (a TrainEngine for training); defaults to `model` itself."""
+    captured: list[torch.Tensor] = []
+    hook = score_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if _accepts_position_ids(model):
+        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    try:
+        (forward or model)(**kwargs)
+    finally:
+        hook.remove()
+    return captured[-1].squeeze(-1).float()
 
 
 def sequence_scores(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    forward: Callable | None = None,
 ) -> torch.Tensor:
     """(B,) the reward: the score head's output at each row's last real token."""
-    values = token_values(model, input_ids, attention_mask)
+    values = token_values(model, input_ids, attention_mask, forward)
     idx = last_token_index(attention_mask)
     return values.gather(1, idx.unsqueeze(1)).squeeze(1)

@@ -1,0 +1,183 @@
+"""Step 2: pairwise reward model. `RewardTrainer(config).fit()` mirrors `chatforge reward`.
+
+Loss: -log sigmoid(r_chosen - r_rejected) (InstructGPT eq. 1), the score read at each sequence's last
+real token. At the end, the mean/std of scores on the held-out pairs are saved beside the model
+(`reward_stats.json`) so step 3 can normalise rewards.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from chatforge.algorithms import pairwise_loss
+from chatforge.config import RewardConfig, save_yaml
+from chatforge.engine import TrainEngine, all_reduce_sum, barrier, init_distributed
+from chatforge.models.loading import load_scorer, load_tokenizer
+from chatforge.models.value import sequence_scores
+
+from .common import (
+    BatchSchedule,
+    MetricsLogger,
+    NonFiniteGuard,
+    Progress,
+    RunDir,
+    build_splits_or_fail,
+    eval_batches,
+    load_train_checkpoint,
+    log,
+    mark_done,
+    maybe_die,
+    pad_collective_forwards,
+    save_train_checkpoint,
+    seed_everything,
+)
+
+STATS_FILE = "reward_stats.json"
+
+
+class RewardTrainer:
+    def __init__(self, config: RewardConfig):
+        from chatforge.data import PairCollator, load_step_data
+
+        config.validate()
+        self.cfg, t = config, config.train
+        self.dist = init_distributed()
+        self.run = RunDir.create(t.output_dir, t.final_model_dir)
+        seed_everything(t.seed)
+        if self.dist.is_main:
+            save_yaml(config, self.run.config)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+        self.data = load_step_data(config.data, self.tokenizer, "reward")
+        self.collate = PairCollator(self.tokenizer)
+        self.schedule = BatchSchedule(
+            len(self.data.train), t.micro_batch_size, t.gradient_accumulation_steps,
+            self.dist.rank, self.dist.world_size, t.seed,
+        )  # fmt: skip
+        dp = self.dist.world_size // max(1, config.engine.sequence_parallel_size)
+        self.global_batch_size = t.micro_batch_size * t.gradient_accumulation_steps * dp
+        build_splits_or_fail(
+            len(self.data.train), self.schedule.steps_per_epoch, self.global_batch_size, "reward"
+        )
+        self.total_steps = self.schedule.total_steps(t.epochs, t.max_steps)
+        self.engine = TrainEngine(
+            lambda dtype: load_scorer(config.model, dtype, self.tokenizer.pad_token_id),
+            config.engine,
+            config.optim,
+            micro_batch_size=t.micro_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            total_steps=self.total_steps,
+            trainable_heads=("score",),
+            dist=self.dist,
+        )
+        self.metrics = MetricsLogger(self.run, self.dist.is_main, t.tensorboard)
+        self.guard = NonFiniteGuard(t.max_bad_steps)
+        self.step = 0
+
+    def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) chosen and (B,) rejected scores of a PairCollator batch."""
+        ids, mask = batch["input_ids"].to(self.engine.device), batch["attention_mask"].to(self.engine.device)
+        scores = sequence_scores(self.engine.module, ids, mask, forward=self.engine)
+        return scores.chunk(2)
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        state = load_train_checkpoint(self.engine, self.run, self.schedule) if t.resume else None
+        self.step = state["step"] if state else 0
+        log.info(
+            "reward: %d pairs, global batch %d, %d steps",
+            len(self.data.train),
+            self.global_batch_size,
+            self.total_steps,
+        )
+        if self.step == 0:
+            self.evaluate()
+        bar = Progress(self.total_steps, "reward", self.dist.is_main, initial=self.step)
+        for window in self.schedule.windows():
+            if self.step >= self.total_steps:
+                break
+            stats = self._train_step([self.collate([self.data.train[j] for j in idx]) for idx in window])
+            self.step += 1
+            bar.update(1, loss=stats["loss"], acc=stats["accuracy"])
+            if self.step % t.log_every == 0:
+                self.metrics.log(
+                    "train", self.step, {**stats, "lr": self.engine.lr, "grad_norm": self.engine.grad_norm}
+                )
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                save_train_checkpoint(self.engine, self.run, self.step, self.schedule, t.keep_checkpoints)
+            maybe_die(self.step)
+        bar.close()
+        final = self.evaluate(keep_scores=True)
+        save_train_checkpoint(self.engine, self.run, self.step, self.schedule, t.keep_checkpoints)
+        self.engine.save_hf(self.run.final_model, self.tokenizer)
+        self._save_score_stats(final.pop("scores"))
+        mark_done(self.run, self.dist.is_main, self.step, final)
+        self.metrics.close()
+        return final
+
+    def _train_step(self, window: list[dict]) -> dict:
+        """One optimizer step over equal-size micro-batches (so the mean of means is the pair mean)."""
+        sums = torch.zeros(2)
+        for batch in window:
+            chosen, rejected = self._scores(batch)
+            loss, stats = pairwise_loss(chosen, rejected)
+            if self.guard.should_skip(loss, self.step + 1):
+                loss = 0.0 * (
+                    chosen.nan_to_num(0.0, 0.0, 0.0).sum() + rejected.nan_to_num(0.0, 0.0, 0.0).sum()
+                )
+            self.engine.backward(loss)
+            self.engine.step()
+            sums += torch.tensor([loss.item(), float(stats["accuracy"])])
+        sums = all_reduce_sum(sums) / (len(window) * self.dist.world_size)
+        return {"loss": sums[0].item(), "accuracy": sums[1].item()}
+
+    @torch.no_grad()
+    def evaluate(self, keep_scores: bool = False) -> dict:
+        """Accuracy, mean chosen/rejected score and margin over every held-out pair (all ranks)."""
+        self.engine.eval()
+        mb, n_eval = self.cfg.train.micro_batch_size, len(self.data.eval)
+        chosen_all, rejected_all = [], []
+        for idx in eval_batches(n_eval, mb, self.dist.rank, self.dist.world_size):
+            chosen, rejected = self._scores(self.collate([self.data.eval[j] for j in idx]))
+            chosen_all.append(chosen.float().cpu())
+            rejected_all.append(rejected.float().cpu())
+        dummy = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.engine.device)
+        pad_collective_forwards(
+            self.engine,
+            n_eval,
+            mb,
+            lambda: self._scores(
+                {"input_ids": dummy.repeat(2, 1), "attention_mask": torch.ones_like(dummy).repeat(2, 1)}
+            ),
+        )
+        self.engine.train()
+        c = torch.cat(chosen_all) if chosen_all else torch.zeros(0)
+        r = torch.cat(rejected_all) if rejected_all else torch.zeros(0)
+        both = torch.cat([c, r])
+        sums = all_reduce_sum(torch.tensor([
+            float(c.numel()), float((c > r).sum()), float(c.sum()), float(r.sum()),
+            float(-torch.nn.functional.logsigmoid(c - r).sum()), float(both.sum()), float((both**2).sum()),
+        ]))  # fmt: skip
+        n = max(sums[0].item(), 1.0)
+        result = {
+            "accuracy": sums[1].item() / n,
+            "chosen_mean": sums[2].item() / n,
+            "rejected_mean": sums[3].item() / n,
+            "margin": (sums[2] - sums[3]).item() / n,
+            "loss": sums[4].item() / n,
+        }
+        self.metrics.log("eval", self.step, result)
+        if keep_scores:
+            mean = sums[5].item() / (2 * n)
+            var = max(sums[6].item() / (2 * n) - mean**2, 0.0)
+            result["scores"] = {"mean": mean, "std": var**0.5, "count": int(2 * n)}
+        return result
+
+    def _save_score_stats(self, stats: dict) -> None:
+        """Score mean/std over held-out chosen and rejected responses, for reward normalisation."""
+        if self.dist.is_main:
+            (self.run.final_model / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        barrier()

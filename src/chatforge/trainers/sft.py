@@ -1,0 +1,163 @@
+"""Step 1: supervised fine-tuning. `SFTTrainer(config).fit()` mirrors `chatforge sft`.
+
+Read top to bottom: set-up (data, engine), the loop (token-weighted micro-batches, NaN guard, eval,
+checkpoints), then the final export.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from chatforge.algorithms import sft_loss
+from chatforge.config import SFTConfig, save_yaml
+from chatforge.engine import TrainEngine, all_reduce_sum, init_distributed
+from chatforge.models.loading import load_causal_lm, load_tokenizer
+
+from .common import (
+    BatchSchedule,
+    MetricsLogger,
+    NonFiniteGuard,
+    Progress,
+    RunDir,
+    build_splits_or_fail,
+    eval_batches,
+    load_train_checkpoint,
+    log,
+    mark_done,
+    maybe_die,
+    pad_collective_forwards,
+    save_train_checkpoint,
+    seed_everything,
+)
+
+
+def count_loss_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry loss after the next-token shift."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+class SFTTrainer:
+    def __init__(self, config: SFTConfig):
+        from chatforge.data import SFTCollator, load_step_data
+
+        config.validate()
+        self.cfg, t = config, config.train
+        self.dist = init_distributed()
+        self.run = RunDir.create(t.output_dir, t.final_model_dir)
+        seed_everything(t.seed)
+        if self.dist.is_main:
+            save_yaml(config, self.run.config)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+        self.data = load_step_data(config.data, self.tokenizer, "sft")
+        self.collate = SFTCollator(self.tokenizer)
+        self.schedule = BatchSchedule(
+            len(self.data.train), t.micro_batch_size, t.gradient_accumulation_steps,
+            self.dist.rank, self.dist.world_size, t.seed,
+        )  # fmt: skip
+        build_splits_or_fail(
+            len(self.data.train), self.schedule.steps_per_epoch, self.global_batch_size, "SFT"
+        )
+        self.total_steps = self.schedule.total_steps(t.epochs, t.max_steps)
+        self.engine = TrainEngine(
+            lambda dtype: load_causal_lm(config.model, dtype, self.tokenizer.pad_token_id),
+            config.engine,
+            config.optim,
+            micro_batch_size=t.micro_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            total_steps=self.total_steps,
+            dist=self.dist,
+        )
+        self.metrics = MetricsLogger(self.run, self.dist.is_main, t.tensorboard)
+        self.guard = NonFiniteGuard(t.max_bad_steps)
+        self.step = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rows per optimizer step over all data-parallel ranks (derived, never asked for)."""
+        t = self.cfg.train
+        dp = self.dist.world_size // max(1, self.cfg.engine.sequence_parallel_size)
+        return t.micro_batch_size * t.gradient_accumulation_steps * dp
+
+    def fit(self) -> dict:
+        t = self.cfg.train
+        state = load_train_checkpoint(self.engine, self.run, self.schedule) if t.resume else None
+        self.step = state["step"] if state else 0
+        log.info(
+            "SFT: %d rows, global batch %d, %d steps",
+            len(self.data.train),
+            self.global_batch_size,
+            self.total_steps,
+        )
+        if self.step == 0:
+            self.evaluate()  # the starting point of the eval curve
+        bar = Progress(self.total_steps, "sft", self.dist.is_main, initial=self.step)
+        for window in self.schedule.windows():
+            if self.step >= self.total_steps:
+                break
+            loss = self._train_step([self.collate([self.data.train[j] for j in idx]) for idx in window])
+            self.step += 1
+            bar.update(1, loss=loss)
+            if self.step % t.log_every == 0:
+                self.metrics.log(
+                    "train",
+                    self.step,
+                    {"loss": loss, "lr": self.engine.lr, "grad_norm": self.engine.grad_norm},
+                )
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                save_train_checkpoint(self.engine, self.run, self.step, self.schedule, t.keep_checkpoints)
+            maybe_die(self.step)
+        bar.close()
+        final = self.evaluate()
+        save_train_checkpoint(self.engine, self.run, self.step, self.schedule, t.keep_checkpoints)
+        self.engine.save_hf(self.run.final_model, self.tokenizer)
+        mark_done(self.run, self.dist.is_main, self.step, final)
+        self.metrics.close()
+        return final
+
+    def _train_step(self, window: list[dict]) -> float:
+        """One optimizer step; the loss is the exact token mean over the window on all ranks."""
+        from chatforge.data import model_inputs
+
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(count_loss_tokens(b["labels"]) for b in window))))
+        # DeepSpeed divides by accumulation steps and averages over ranks; undo both so that the
+        # gradient is that of (sum of token losses) / (tokens in the global batch).
+        scale = (self.dist.world_size * len(window) / n_tokens.clamp(min=1)).item()
+        total = torch.zeros(())
+        for batch in window:
+            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+            logits = self.engine(**model_inputs(batch)).logits
+            loss_sum, _ = sft_loss(logits, batch["labels"])
+            if self.guard.should_skip(loss_sum, self.step + 1):
+                # A zero loss still runs backward, so ZeRO's gradient hooks stay in step on all ranks.
+                loss_sum = 0.0 * logits.nan_to_num(0.0, 0.0, 0.0).mean()
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            total += loss_sum.detach().float().cpu()
+        return (all_reduce_sum(total) / n_tokens.clamp(min=1)).item()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-mean loss and perplexity on the held-out split (every row once over all ranks)."""
+        from chatforge.data import model_inputs
+
+        self.engine.eval()
+        sums = torch.zeros(2)
+        mb, n_eval = self.cfg.train.micro_batch_size, len(self.data.eval)
+        for idx in eval_batches(n_eval, mb, self.dist.rank, self.dist.world_size):
+            batch = {
+                k: v.to(self.engine.device) for k, v in self.collate([self.data.eval[j] for j in idx]).items()
+            }
+            loss_sum, n = sft_loss(self.engine(**model_inputs(batch)).logits, batch["labels"])
+            sums += torch.tensor([float(loss_sum), float(n)])
+        dummy = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.engine.device)
+        pad_collective_forwards(self.engine, n_eval, mb, lambda: self.engine(input_ids=dummy))
+        sums = all_reduce_sum(sums)
+        self.engine.train()
+        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": sums[1].item()}
+        self.metrics.log("eval", self.step, result)
+        return result
