@@ -15,6 +15,7 @@ from chatforge.report.svg import (
     log_axis,
     stacked_bar_chart,
     thin,
+    tick_labels,
 )
 
 # Default layout: plot area x in [64, 544] (480 px), y in [44, 260] (216 px).
@@ -57,6 +58,21 @@ def test_log_axis_uses_decades_and_marks_inside_one_decade():
     assert log_axis(2, 8).ticks == [1, 2, 5, 10]
 
 
+@pytest.mark.parametrize(
+    ("ticks", "labels"),
+    [
+        ([0, 0.25, 0.5, 0.75, 1.0], ["0", "0.25", "0.5", "0.75", "1"]),
+        ([0, 5e-6, 1e-5, 1.5e-5], ["0", "5e-6", "1e-5", "1.5e-5"]),
+        ([0, 5e-4, 1e-3, 1.5e-3], ["0", "5e-4", "1e-3", "1.5e-3"]),
+        ([0, 12_500, 25_000], ["0", "12.5k", "25k"]),
+        ([1, 10, 100, 1000], ["1", "10", "100", "1000"]),
+        ([-2e6, 0, 2e6], ["-2M", "0", "2M"]),
+    ],
+)
+def test_tick_labels_are_short_and_distinct(ticks, labels):
+    assert tick_labels(ticks) == labels
+
+
 def test_points_map_data_to_pixels():
     # x axis 0..10, y axis 0..1: (0,0) bottom-left, (5,.5) centre, (10,1) top-right of the plot area.
     svg = line_chart("t", [Series("s", [0, 5, 10], [0, 0.5, 1])])
@@ -91,7 +107,7 @@ def test_ema_is_debiased_and_exact_on_constants():
 def test_smoothing_draws_faint_raw_and_solid_ema():
     xs = list(range(100))
     ys = [float(i % 2) for i in xs]
-    svg = line_chart("t", [Series("loss", xs, ys)], smooth=0.9)
+    svg = line_chart("t", [Series("loss", xs, ys)], smooth=True)
     raw, smooth = polylines(svg)
     assert svg.count('stroke-opacity="0.3"') == 1
     spread = lambda line: max(y for _, y in line[50:]) - min(y for _, y in line[50:])  # noqa: E731

@@ -96,18 +96,32 @@ def _clean(value: float) -> float:
     return round(value, 12) + 0.0
 
 
-def format_tick(value: float) -> str:
-    """Short tick label: 0.25, 1.5k, 2M, 1e-05."""
+def tick_labels(ticks: list[float]) -> list[str]:
+    """Short labels: 0.25, 1.5, 12.5k, 2M; scientific (1.5e-5) when the whole axis is below 0.01."""
+    tiny = max(abs(t) for t in ticks) < 1e-2
+    return [_tick_label(t, tiny) for t in ticks]
+
+
+def _tick_label(value: float, tiny: bool) -> str:
     if value == 0:
         return "0"
-    mag = abs(value)
-    if mag >= 1e6:
-        return f"{value / 1e6:g}M"
-    if mag >= 1e4:
-        return f"{value / 1e3:g}k"
-    if mag < 1e-3:
-        return f"{value:.0e}".replace("e-0", "e-")
-    return f"{value:.4g}"
+    if tiny:
+        mantissa, exponent = _shortest(value, "e").split("e")
+        return f"{mantissa}e{int(exponent)}"
+    if abs(value) >= 1e6:
+        return _shortest(value / 1e6, "f") + "M"
+    if abs(value) >= 1e4:
+        return _shortest(value / 1e3, "f") + "k"
+    return _shortest(value, "f")
+
+
+def _shortest(value: float, kind: str) -> str:
+    """Fewest digits after the point that still show `value` (ticks are round, so few are needed)."""
+    for digits in range(7):
+        text = f"{value:.{digits}{kind}}"
+        if abs(float(text) - value) <= 1e-9 * abs(value):
+            return text
+    return f"{value:.6{kind}}"
 
 
 def ema(values: list[float], weight: float) -> list[float]:
@@ -117,6 +131,13 @@ def ema(values: list[float], weight: float) -> list[float]:
         acc = acc * weight + (1 - weight) * value
         out.append(acc / (1 - weight**i))
     return out
+
+
+def smoothing_weight(n_points: int) -> float:
+    """EMA weight that averages over ~1/40 of the curve (at least 5 points): a fixed weight is
+    too rough for 10k SFT steps and too flat for 100 PPO iterations."""
+    span = max(5.0, n_points / 40)
+    return 1 - 2 / (span + 1)
 
 
 def thin(xs: list[float], ys: list[float], max_points: int = MAX_POINTS) -> tuple[list[float], list[float]]:
@@ -165,26 +186,27 @@ def _legend(labels: list[str], layout: Layout) -> list[str]:
 
 def _y_grid(axis: Axis, layout: Layout) -> list[str]:
     out = []
-    for tick in axis.ticks:
+    for tick, label in zip(axis.ticks, tick_labels(axis.ticks)):
         y = layout.top + (1 - axis.frac(tick)) * layout.plot_h
         x0, x1 = layout.left, layout.left + layout.plot_w
         out.append(f'<line x1="{x0}" y1="{_num(y)}" x2="{x1}" y2="{_num(y)}" stroke="#e5e5e5"/>')
-        out.append(f'<text x="{x0 - 6}" y="{_num(y + 4)}" text-anchor="end">{format_tick(tick)}</text>')
+        out.append(f'<text x="{x0 - 6}" y="{_num(y + 4)}" text-anchor="end">{label}</text>')
     return out
 
 
 def _x_ticks(axis: Axis, layout: Layout, x_label: str) -> list[str]:
     base = layout.top + layout.plot_h
     out = []
-    for tick in axis.ticks:
+    for tick, label in zip(axis.ticks, tick_labels(axis.ticks)):
         x = layout.left + axis.frac(tick) * layout.plot_w
         out.append(f'<line x1="{_num(x)}" y1="{base}" x2="{_num(x)}" y2="{base + 4}" stroke="#555"/>')
-        out.append(f'<text x="{_num(x)}" y="{base + 16}" text-anchor="middle">{format_tick(tick)}</text>')
+        out.append(f'<text x="{_num(x)}" y="{base + 16}" text-anchor="middle">{label}</text>')
+    return out + [_x_label(x_label, layout)]
+
+
+def _x_label(text: str, layout: Layout) -> str:
     mid = layout.left + layout.plot_w / 2
-    out.append(
-        f'<text x="{_num(mid)}" y="{layout.height - 6}" text-anchor="middle" fill="#555">{escape(x_label)}</text>'
-    )
-    return out
+    return f'<text x="{_num(mid)}" y="{layout.height - 6}" text-anchor="middle" fill="#555">{escape(text)}</text>'
 
 
 def _frame(layout: Layout) -> str:
@@ -215,13 +237,13 @@ def line_chart(
     *,
     x_label: str = "step",
     log_y: bool = False,
-    smooth: float = 0.0,
+    smooth: bool = False,
     layout: Layout = Layout(),
 ) -> str:
     """An SVG line chart, or "" when no series has a point to draw.
 
-    smooth > 0 draws each series faintly with its EMA (that weight) on top, for noisy train curves;
-    log_y drops values <= 0, which have no place on a log axis."""
+    smooth draws each long series faintly with its EMA on top, for noisy train curves (short ones,
+    like eval curves, are drawn as they are); log_y drops values <= 0, which a log axis cannot show."""
     if log_y:
         series = [_positive(s) for s in series]
     series = [s for s in series if s.xs]
@@ -235,10 +257,10 @@ def line_chart(
     parts += _y_grid(ay, layout) + _x_ticks(ax, layout, x_label) + [_frame(layout)]
     for i, s in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
-        smoothed = smooth > 0 and len(s.xs) > MARKER_LIMIT
+        smoothed = smooth and len(s.xs) > MARKER_LIMIT
         parts += _curve(s.xs, s.ys, color, ax, ay, layout, faint=smoothed)
         if smoothed:
-            parts += _curve(s.xs, ema(s.ys, smooth), color, ax, ay, layout, faint=False)
+            parts += _curve(s.xs, ema(s.ys, smoothing_weight(len(s.ys))), color, ax, ay, layout, faint=False)
     return "\n".join(parts + ["</svg>"])
 
 
@@ -295,10 +317,6 @@ def _bar_labels(first_steps: list[float], slot: float, layout: Layout, x_label: 
     for i in range(0, len(first_steps), every):
         x = layout.left + (i + 0.5) * slot
         out.append(
-            f'<text x="{_num(x)}" y="{base + 16}" text-anchor="middle">{format_tick(first_steps[i])}</text>'
+            f'<text x="{_num(x)}" y="{base + 16}" text-anchor="middle">{_tick_label(first_steps[i], False)}</text>'
         )
-    mid = layout.left + layout.plot_w / 2
-    out.append(
-        f'<text x="{_num(mid)}" y="{layout.height - 6}" text-anchor="middle" fill="#555">{escape(x_label)}</text>'
-    )
-    return out
+    return out + [_x_label(x_label, layout)]

@@ -1,0 +1,7 @@
+"""`chatforge report`: a self-contained HTML page with the training curves of a pipeline or run dir.
+
+Light on purpose (no torch, no matplotlib): it runs at the end of `train` and on any laptop."""
+
+from chatforge.report.page import build_report
+
+__all__ = ["build_report"]

@@ -1,0 +1,132 @@
+"""Synthetic run dirs in the layout the trainers write: metrics.jsonl (with a torn last line, as
+after a crash mid-write), config.yaml, and a pipeline-level demo_summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+# Panels each step's synthetic metrics should produce, in report order.
+SFT_PANELS = ["loss", "perplexity", "lr", "grad_norm", "tokens"]
+REWARD_PANELS = ["loss", "accuracy", "scores", "lr"]
+PPO_PANELS = [
+    "reward",
+    "task_accuracy",
+    "kl",
+    "kl_coef",
+    "response_length",
+    "entropy",
+    "ppo_losses",
+    "clip_frac",
+    "logprob_mismatch",
+    "time_split",
+]
+
+
+def write_run(root: Path, records: list[dict], config: str = "seed: 1\n", torn: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) for r in records]
+    if torn:
+        lines.append('{"phase": "train", "step": 99999, "lo')  # the crash cut this line
+    (root / "metrics.jsonl").write_text("\n".join(lines))
+    (root / "config.yaml").write_text(config)
+    return root
+
+
+def sft_records(steps: int = 60) -> list[dict]:
+    rng = random.Random(0)
+    out = []
+    for s in range(1, steps + 1):
+        loss = 3.0 * math.exp(-s / 30) + 0.5 + rng.uniform(-0.2, 0.2)
+        out.append(
+            {
+                "phase": "train",
+                "step": s,
+                "time": s * 0.5,
+                "loss": loss,
+                "lr": 1e-4 * min(1, s / 10),
+                "grad_norm": 1 + rng.random(),
+                "tokens": 512.0,
+            }
+        )
+        if s % 20 == 0:
+            out.append(
+                {"phase": "eval", "step": s, "time": s * 0.5, "loss": loss, "perplexity": math.exp(loss)}
+            )
+    return out
+
+
+def reward_records(steps: int = 30) -> list[dict]:
+    out = []
+    for s in range(1, steps + 1):
+        out.append(
+            {
+                "phase": "train",
+                "step": s,
+                "time": s * 1.0,
+                "loss": 0.7 - s / 100,
+                "accuracy": 0.5 + s / 100,
+                "lr": 5e-5,
+            }
+        )
+        if s % 10 == 0:
+            m = s / 30
+            out.append(
+                {
+                    "phase": "eval",
+                    "step": s,
+                    "time": s * 1.0,
+                    "loss": 0.6,
+                    "accuracy": 0.6 + m / 5,
+                    "chosen_mean": m,
+                    "rejected_mean": -m,
+                    "margin": 2 * m,
+                }
+            )
+    return out
+
+
+def ppo_records(iters: int = 12) -> list[dict]:
+    """PPO iterations with no ptx_loss logged (PTX off), so that curve must be absent."""
+    out = []
+    for s in range(1, iters + 1):
+        out.append(
+            {
+                "phase": "train",
+                "step": s,
+                "time": s * 10.0,
+                "reward_raw": s / 10,
+                "reward_norm": 0.1 * s - 0.6,
+                "kl": 0.01 * s,
+                "kl_coef": 0.1,
+                "entropy": 2.0 - s / 20,
+                "response_length": 20.0 + s,
+                "clip_frac": 0.05,
+                "value_loss": 0.3,
+                "policy_loss": -0.01,
+                "logprob_mismatch": 1e-3,
+                "time_generation": 6.0,
+                "time_scoring": 1.0,
+                "time_training": 3.0,
+            }
+        )
+    out.append(
+        {"phase": "eval", "step": iters, "time": iters * 10.0, "reward_raw": 1.5, "task_accuracy": 0.4}
+    )
+    return out
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path) -> Path:
+    root = tmp_path / "out"
+    write_run(root / "runs" / "sft", sft_records(), config="model:\n  name: tiny-llama\n")
+    write_run(root / "runs" / "reward", reward_records())
+    write_run(root / "runs" / "ppo", ppo_records())
+    (root / "demo_summary.json").write_text(
+        json.dumps({"accuracy_before": 0.1, "accuracy_after": 0.4, "sample": {"prompt": "2+2?"}})
+    )
+    return root
