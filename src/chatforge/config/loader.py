@@ -8,6 +8,7 @@ and the docs never drift from the code.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
 import textwrap
@@ -123,8 +124,12 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# YAML spells null `null` or `~`; on a command line people also write Python's None.
+_NONE_WORDS = ("None", "none")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so 3, 1e-5, true, [1,2] work)."""
+    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so 3, 1e-5, true, [1,2], null/None work)."""
     import yaml
 
     if "=" not in text:
@@ -133,6 +138,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip().lstrip("-").replace("-", "_")
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
+    if raw.strip() in _NONE_WORDS:
+        return key.split("."), None
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -159,7 +166,8 @@ def load_config(
     """Defaults <- `base` dict <- YAML file <- `key=value` overrides, then validated."""
     import yaml
 
-    data: dict[str, Any] = dict(base or {})
+    # Deep copy: YAML and overrides update nested sections in place, and `base` is the caller's.
+    data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -220,22 +228,30 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every leaf field of a config class, nested ones included."""
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf field of a config class, nested ones included.
+
+    A section's defaults come from its parent's default instance, which may differ from the section
+    class's own (SFTConfig's optim has learning_rate=1e-4, OptimConfig's default is 1e-5).
+    """
     rows = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        default = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if _is_dataclass_type(tp):
-            rows.extend(describe(tp, prefix + f.name + "."))
+            section = default if isinstance(default, tp) else None
+            rows.extend(describe(tp, prefix + f.name + ".", section))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
         rows.append((prefix + f.name, repr(default), docs.get(f.name, "")))
     return rows
 
