@@ -30,8 +30,12 @@ def launch(args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout:
             f"--master_port={port}",
         ]
     elif launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}"]
+        # On CPU --num_gpus is the process count per node. --no_local_rank: otherwise the launcher appends
+        # --local_rank=N to the script's arguments (LOCAL_RANK is in the environment either way).
+        cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={port}", "--no_local_rank"]
     elif launcher == "accelerate":
+        # --multi_gpu also on CPU: it selects accelerate's torchrun path, which exports RANK, WORLD_SIZE,
+        # LOCAL_RANK and MASTER_*; without it (or with --cpu) a CPU box gets one process only.
         cmd = [str(BIN / "accelerate"), "launch", f"--num_processes={nproc}", "--num_machines=1"]
         cmd += ["--multi_gpu", f"--main_process_port={port}", "--mixed_precision=no", "--dynamo_backend=no"]
     elif launcher == "none":

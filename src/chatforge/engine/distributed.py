@@ -29,17 +29,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Open MPI (mpirun, `deepspeed --launcher openmpi`) names the ranks its own way; torch reads these.
+_OPEN_MPI_VARS = {
+    "RANK": "OMPI_COMM_WORLD_RANK",
+    "WORLD_SIZE": "OMPI_COMM_WORLD_SIZE",
+    "LOCAL_RANK": "OMPI_COMM_WORLD_LOCAL_RANK",
+}
+
+
 def _fill_launcher_env() -> None:
-    """Without a launcher, act as rank 0 of 1 (DeepSpeed would otherwise try MPI discovery)."""
-    # accelerate and some schedulers export only a subset; derive the rest.
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    """Complete the env:// variables; without a launcher, act as rank 0 of 1 (DeepSpeed would try MPI).
+
+    torchrun, the deepspeed launcher and `accelerate launch --multi_gpu` export all of them already.
+    """
+    for ours, mpi in _OPEN_MPI_VARS.items():
+        if mpi in os.environ:
+            os.environ.setdefault(ours, os.environ[mpi])
+    os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    if "MASTER_PORT" in os.environ:
+        return
+    if int(os.environ["WORLD_SIZE"]) > 1:
+        # A port picked here would differ on every rank and the rendezvous would hang.
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but MASTER_PORT is not set: export MASTER_ADDR and "
+            "MASTER_PORT, or start with torchrun, deepspeed or accelerate launch"
+        )
+    os.environ["MASTER_PORT"] = str(_free_port())
 
 
 def backend_name() -> str:
