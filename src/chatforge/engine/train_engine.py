@@ -16,6 +16,12 @@ from .distributed import DistInfo, init_distributed
 from .ds_config import build_ds_config, torch_dtype
 from .export import save_hf
 from .optim import build_optimizer, build_scheduler
+from .sequence_parallel import (
+    enable_ulysses,
+    full_sequence_attention,
+    init_sequence_parallel,
+    zero3_loss_factor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +70,12 @@ class TrainEngine:
         self.trainable = optim is not None
         self.dtype = torch_dtype(cfg.precision)
         self.ds_config = build_ds_config(cfg, micro_batch_size, gradient_accumulation_steps, self.trainable)
+        self.sp = init_sequence_parallel(cfg.sequence_parallel_size, self.dist, self.trainable)
+        self._loss_factor = zero3_loss_factor(self.ds_config, self.sp)
         with zero3_init(self.ds_config, cfg.zero_stage == 3):
             model = model_factory(self.dtype)
+        if self.sp.enabled:
+            enable_ulysses(model, self.sp)
         model = self._prepare(model, trainable_heads)
         optimizer = scheduler = None
         if self.trainable:
@@ -77,6 +87,7 @@ class TrainEngine:
             lr_scheduler=scheduler,
             config=self.ds_config,
             dist_init_required=False,
+            mpu=self.sp.mpu,  # with SP: average gradients over data-parallel groups, shard over all ranks
         )
         self.gather_count = 0
         self.train() if self.trainable else self.eval()
@@ -108,7 +119,7 @@ class TrainEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a micro-batch loss; DeepSpeed divides by gradient_accumulation_steps."""
-        self.ds.backward(loss)
+        self.ds.backward(loss * self._loss_factor if self._loss_factor != 1.0 else loss)
 
     def step(self) -> bool:
         """Count a micro step; at an accumulation boundary also update weights and lr. Returns
@@ -141,11 +152,15 @@ class TrainEngine:
     def gathered(self) -> Iterator[torch.nn.Module]:
         """Gather all ZeRO-3 shards once (read-only) and yield the full module; a no-op below stage 3.
 
-        Used for generation and export: one all-gather per call, not one per forward.
+        Used for generation and export: one all-gather per call, not one per forward. Under sequence
+        parallelism the module runs plain full-sequence attention inside the block.
         """
         self.gather_count += 1
         params = list(self.module.parameters()) if self.cfg.zero_stage == 3 else []
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        with (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)),
+            full_sequence_attention(self.module),
+        ):
             yield self.module
 
     def save_hf(self, out_dir: str | Path, tokenizer=None, lora_save: str | None = None) -> Path:
