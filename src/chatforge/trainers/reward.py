@@ -8,12 +8,14 @@ real token. At the end, the mean/std of scores on the held-out pairs are saved b
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import torch
 
 from chatforge.algorithms import pairwise_loss
 from chatforge.config import RewardConfig, save_yaml
 from chatforge.engine import TrainEngine, all_reduce_sum, barrier, init_distributed
+from chatforge.engine.sequence_parallel import init_sequence_parallel, shard_batch, sp_sequence_scores
 from chatforge.models.loading import load_scorer, load_tokenizer
 from chatforge.models.value import sequence_scores
 
@@ -44,6 +46,9 @@ class RewardTrainer:
         config.validate()
         self.cfg, t = config, config.train
         self.dist = init_distributed()
+        # Ranks of one sequence-parallel group share each pair, so pairs are dealt over data-parallel ranks.
+        self.sp = init_sequence_parallel(config.engine.sequence_parallel_size, self.dist)
+        self.dp = self.sp.data_parallel(self.dist)
         self.run = RunDir.create(t.output_dir, t.final_model_dir)
         seed_everything(t.seed)
         if self.dist.is_main:
@@ -53,7 +58,7 @@ class RewardTrainer:
         self.collate = PairCollator(self.tokenizer)
         self.schedule = BatchSchedule(
             len(self.data.train), t.micro_batch_size, t.gradient_accumulation_steps,
-            self.dist.rank, self.dist.world_size, t.seed,
+            self.dp.rank, self.dp.world_size, t.seed,
         )  # fmt: skip
         dp = self.dist.world_size // max(1, config.engine.sequence_parallel_size)
         self.global_batch_size = t.micro_batch_size * t.gradient_accumulation_steps * dp
@@ -76,8 +81,14 @@ class RewardTrainer:
         self.step = 0
 
     def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) chosen and (B,) rejected scores of a PairCollator batch."""
+        """(B,) chosen and (B,) rejected scores of a PairCollator batch.
+
+        Under SP each rank scores its sequence shard; the rank holding a row's last real token supplies
+        its score to the whole group, so every rank of the group computes the same pairwise loss."""
         ids, mask = batch["input_ids"].to(self.engine.device), batch["attention_mask"].to(self.engine.device)
+        if self.sp.enabled:
+            local = shard_batch({"input_ids": ids, "attention_mask": mask}, self.sp)
+            return sp_sequence_scores(self.engine.module, local, self.sp, forward=self.engine).chunk(2)
         scores = sequence_scores(self.engine.module, ids, mask, forward=self.engine)
         return scores.chunk(2)
 
@@ -140,13 +151,13 @@ class RewardTrainer:
         self.engine.eval()
         mb, n_eval = self.cfg.train.micro_batch_size, len(self.data.eval)
         chosen_all, rejected_all = [], []
-        for idx in eval_batches(n_eval, mb, self.dist.rank, self.dist.world_size):
+        for idx in eval_batches(n_eval, mb, self.dp.rank, self.dp.world_size):
             chosen, rejected = self._scores(self.collate([self.data.eval[j] for j in idx]))
             chosen_all.append(chosen.float().cpu())
             rejected_all.append(rejected.float().cpu())
         dummy = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.engine.device)
         pad_collective_forwards(
-            self.engine,
+            SimpleNamespace(dist=self.dp, cfg=self.engine.cfg),  # rows are dealt over data-parallel ranks
             n_eval,
             mb,
             lambda: self._scores(
@@ -161,6 +172,7 @@ class RewardTrainer:
             float(c.numel()), float((c > r).sum()), float(c.sum()), float(r.sum()),
             float(-torch.nn.functional.logsigmoid(c - r).sum()), float(both.sum()), float((both**2).sum()),
         ]))  # fmt: skip
+        sums /= self.sp.size  # every rank of a sequence-parallel group holds the same scores
         n = max(sums[0].item(), 1.0)
         result = {
             "accuracy": sums[1].item() / n,

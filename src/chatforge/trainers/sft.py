@@ -7,12 +7,20 @@ checkpoints), then the final export.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 
 from chatforge.algorithms import sft_loss
 from chatforge.config import SFTConfig, save_yaml
 from chatforge.engine import TrainEngine, all_reduce_sum, init_distributed
+from chatforge.engine.sequence_parallel import (
+    init_sequence_parallel,
+    reject_packing,
+    shard_batch,
+    sharded_sft_loss,
+    sp_model_inputs,
+)
 from chatforge.models.loading import load_causal_lm, load_tokenizer
 
 from .common import (
@@ -45,6 +53,10 @@ class SFTTrainer:
         config.validate()
         self.cfg, t = config, config.train
         self.dist = init_distributed()
+        # Ranks of one sequence-parallel group share each row, so rows are dealt over data-parallel ranks.
+        self.sp = init_sequence_parallel(config.engine.sequence_parallel_size, self.dist)
+        reject_packing(config.data.packing, self.sp)
+        self.dp = self.sp.data_parallel(self.dist)
         self.run = RunDir.create(t.output_dir, t.final_model_dir)
         seed_everything(t.seed)
         if self.dist.is_main:
@@ -54,7 +66,7 @@ class SFTTrainer:
         self.collate = SFTCollator(self.tokenizer)
         self.schedule = BatchSchedule(
             len(self.data.train), t.micro_batch_size, t.gradient_accumulation_steps,
-            self.dist.rank, self.dist.world_size, t.seed,
+            self.dp.rank, self.dp.world_size, t.seed,
         )  # fmt: skip
         build_splits_or_fail(
             len(self.data.train), self.schedule.steps_per_epoch, self.global_batch_size, "SFT"
@@ -118,19 +130,34 @@ class SFTTrainer:
         self.metrics.close()
         return final
 
-    def _train_step(self, window: list[dict]) -> float:
-        """One optimizer step; the loss is the exact token mean over the window on all ranks."""
+    def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss_sum, n_tokens, logits) of a (B, T) batch on this rank: of its sequence shard under SP."""
         from chatforge.data import model_inputs
 
-        n_tokens = all_reduce_sum(torch.tensor(float(sum(count_loss_tokens(b["labels"]) for b in window))))
-        # DeepSpeed divides by accumulation steps and averages over ranks; undo both so that the
-        # gradient is that of (sum of token losses) / (tokens in the global batch).
-        scale = (self.dist.world_size * len(window) / n_tokens.clamp(min=1)).item()
+        batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+        if self.sp.enabled:
+            local = shard_batch(batch, self.sp)
+            logits = self.engine(**sp_model_inputs(local)).logits
+            return (*sharded_sft_loss(logits, local["shift_labels"]), logits)
+        logits = self.engine(**model_inputs(batch)).logits
+        return (*sft_loss(logits, batch["labels"]), logits)
+
+    def _train_step(self, window: list[dict]) -> float:
+        """One optimizer step; the loss is the exact token mean over the window on all ranks.
+
+        DeepSpeed's gradient is (1 / (dp * accumulation)) * sum over all ranks and micro-batches of
+        the gradients of the backward losses; under Ulysses an SP rank's gradient is the part of its
+        group's gradient that flows through its shard, so summing over a group gives the gradient of
+        the group's summed token loss. Backward losses of (shard loss sum) * dp * accumulation / N,
+        N = loss tokens in the global batch, therefore give the gradient of the global token mean.
+        """
+        # Every rank of an SP group counts its group's whole rows, hence the division by its size.
+        n_local = torch.tensor(float(sum(count_loss_tokens(b["labels"]) for b in window)))
+        n_tokens = all_reduce_sum(n_local) / self.sp.size
+        scale = (self.dp.world_size * len(window) / n_tokens.clamp(min=1)).item()
         total = torch.zeros(())
         for batch in window:
-            batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-            logits = self.engine(**model_inputs(batch)).logits
-            loss_sum, _ = sft_loss(logits, batch["labels"])
+            loss_sum, _, logits = self._loss_sum(batch)
             if self.guard.should_skip(loss_sum, self.step + 1):
                 # A zero loss still runs backward, so ZeRO's gradient hooks stay in step on all ranks.
                 loss_sum = 0.0 * logits.nan_to_num(0.0, 0.0, 0.0).mean()
@@ -142,19 +169,17 @@ class SFTTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Token-mean loss and perplexity on the held-out split (every row once over all ranks)."""
-        from chatforge.data import model_inputs
-
         self.engine.eval()
         sums = torch.zeros(2)
         mb, n_eval = self.cfg.train.micro_batch_size, len(self.data.eval)
-        for idx in eval_batches(n_eval, mb, self.dist.rank, self.dist.world_size):
-            batch = {
-                k: v.to(self.engine.device) for k, v in self.collate([self.data.eval[j] for j in idx]).items()
-            }
-            loss_sum, n = sft_loss(self.engine(**model_inputs(batch)).logits, batch["labels"])
+        for idx in eval_batches(n_eval, mb, self.dp.rank, self.dp.world_size):
+            loss_sum, n, _ = self._loss_sum(self.collate([self.data.eval[j] for j in idx]))
             sums += torch.tensor([float(loss_sum), float(n)])
-        dummy = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.engine.device)
-        pad_collective_forwards(self.engine, n_eval, mb, lambda: self.engine(input_ids=dummy))
+        dummy = torch.full((1, 1), self.tokenizer.pad_token_id)
+        dummy_batch = {"input_ids": dummy, "attention_mask": torch.ones_like(dummy), "labels": dummy}
+        # Rows are dealt over data-parallel ranks, so the padding count is taken along that axis.
+        dp_engine = SimpleNamespace(dist=self.dp, cfg=self.engine.cfg)
+        pad_collective_forwards(dp_engine, n_eval, mb, lambda: self._loss_sum(dummy_batch))
         sums = all_reduce_sum(sums)
         self.engine.train()
         loss = (sums[0] / sums[1].clamp(min=1)).item()
