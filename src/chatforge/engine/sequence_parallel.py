@@ -260,7 +260,7 @@ def shard_batch(batch: dict[str, torch.Tensor], layout: SPLayout) -> dict[str, t
     """This rank's sequence shard of a (B, T) batch; every rank of an SP group must pass the same batch.
 
     T is right-padded to Tp, a multiple of P (ids 0, masks 0, labels -100). Returns (B, Tp/P) shards of
-    every (B, T) tensor, plus:
+    every (B, T, ...) tensor, other values unchanged, plus:
       - position_ids: global positions of the shard (counting only real tokens, as for left padding);
       - shift_labels: labels[t + 1] (the next-token shift happens before the split, so a shard's last
         token still gets its label); `labels` itself is dropped;
@@ -282,7 +282,8 @@ def shard_batch(batch: dict[str, torch.Tensor], layout: SPLayout) -> dict[str, t
     if "labels" in full:
         full["shift_labels"] = _shift_left(full.pop("labels"), IGNORE_INDEX)
     full["shift_input_ids"] = _shift_left(full["input_ids"], 0)
-    local = {k: _shard(v, layout) for k, v in full.items()}
+    local = {k: v for k, v in batch.items() if k not in full and k != "labels"}  # e.g. (B,) rewards
+    local.update({k: _shard(v, layout) for k, v in full.items()})
     local["sp_full_attention_mask"] = full["attention_mask"]
     if not _right_padded(full["attention_mask"]):
         local[KEY_MASK_KWARG] = full["attention_mask"].bool()
