@@ -189,6 +189,7 @@ class SFTConfig:
     def validate(self) -> None:
         if not self.model.name_or_path:
             raise ConfigError("model.name_or_path is required (a hub name or a local model dir)")
+        self.data.validate()
         self.engine.validate()
         self.train.validate()
 
@@ -211,6 +212,7 @@ class RewardConfig:
     def validate(self) -> None:
         if not self.model.name_or_path:
             raise ConfigError("model.name_or_path is required (a hub name or a local model dir)")
+        self.data.validate()
         self.engine.validate()
         self.train.validate()
 
@@ -239,3 +241,173 @@ class GenerationConfig:
             raise ConfigError("generation.temperature must be > 0 when sampling (or set do_sample=false)")
         if not 0 < self.top_p <= 1:
             raise ConfigError("generation.top_p must be in (0, 1]")
+
+
+@dataclass
+class PPOAlgoConfig:
+    """PPO hyper-parameters (InstructGPT; "The N implementation details of RLHF with PPO")."""
+
+    kl_coef: float = 0.05
+    """Initial coefficient beta of the per-token KL penalty against the reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator: k1 = log pi - log pi_ref (InstructGPT), k3 = low-variance, always >= 0."""
+    kl_target: float | None = None
+    """Adaptive KL (Ziegler et al. 2019): target KL per sequence; None keeps kl_coef fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon in episodes (how fast beta moves towards the target)."""
+    gamma: float = 1.0
+    """Discount of GAE (1.0: the episode is one response)."""
+    lam: float = 0.95
+    """Lambda of GAE."""
+    clip_range: float = 0.2
+    """PPO ratio clip epsilon."""
+    value_clip: float = 0.2
+    """Clip of the value update around the rollout values."""
+    reward_clip: float = 5.0
+    """Clip the reward-model score (after normalisation) to [-reward_clip, reward_clip]; 0 disables."""
+    normalize_reward: bool = False
+    """Normalise scores with the step-2 statistics (reward_stats.json beside the reward model)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the rollout batch."""
+    ppo_epochs: int = 1
+    """Passes of PPO updates over each rollout batch."""
+    num_minibatches: int = 1
+    """Mini-batches (optimizer steps) per epoch; the rollout batch is split into this many."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses that end without EOS (None: no penalty)."""
+    value_loss_coef: float = 1.0
+    """Scale of the critic's loss (the critic has its own optimizer; this only rescales its gradient)."""
+
+    def validate(self) -> None:
+        if self.ppo_epochs < 1 or self.num_minibatches < 1:
+            raise ConfigError("ppo.ppo_epochs and ppo.num_minibatches must be >= 1")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError("ppo.gamma and ppo.lam must be in [0, 1]")
+        if self.clip_range <= 0 or self.value_clip <= 0:
+            raise ConfigError("ppo.clip_range and ppo.value_clip must be > 0")
+        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
+            raise ConfigError("ppo.kl_target and ppo.kl_horizon must be > 0 for the adaptive KL")
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    """Keep an exponential moving average of the actor's weights and save it as its own HF dir."""
+    decay: float = 0.992
+    """EMA decay per optimizer step: ema = decay * ema + (1 - decay) * weights."""
+    on_cpu: bool = False
+    """Hold the EMA weights in CPU memory (saves accelerator memory)."""
+
+    def validate(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ConfigError("ema.decay must be in [0, 1)")
+
+
+@dataclass
+class PTXConfig:
+    """Mixture training (InstructGPT "PPO-ptx"): a language-modelling loss on plain text added to the actor update."""
+
+    coef: float = 0.0
+    """Weight gamma of the pretraining loss in the actor loss; 0 disables PTX."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(eval_fraction=0.0))
+    """Plain-text datasets (rows with a 'text' column); every row is used."""
+    micro_batch_size: int = 4
+    """PTX sequences per process per actor optimizer step."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+
+@dataclass
+class PPOLoopConfig:
+    output_dir: str = "runs/ppo"
+    """Where checkpoints, metrics and the final HF models go."""
+    final_model_dir: str | None = None
+    """Where the trained actor is written as a plain HF model (default: <output_dir>/actor)."""
+    ema_model_dir: str | None = None
+    """Where the EMA actor is written (default: <output_dir>/actor-ema); only with ema.enabled."""
+    critic_model_dir: str | None = None
+    """Also save the trained critic here (None: not saved)."""
+    seed: int = 1234
+    """Seed of sampling, data order and mini-batch shuffles."""
+    max_steps: int = 20
+    """PPO iterations (one rollout batch + its PPO epochs each)."""
+    rollout_batch_size: int = 16
+    """Prompts per process per iteration."""
+    eval_every: int = 0
+    """Evaluate on held-out prompts every N iterations (0: only at the start and the end)."""
+    eval_prompts: int = 64
+    """Held-out prompts per evaluation (over all processes)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N iterations (0: only at the end)."""
+    log_every: int = 1
+    """Log metrics every N iterations."""
+    resume: bool = False
+    """Continue from the last checkpoint in output_dir."""
+    tensorboard: bool = True
+    """Also write tensorboard event files."""
+    keep_checkpoints: int = 1
+    """How many resumable checkpoints to keep."""
+
+    def validate(self) -> None:
+        if self.max_steps < 1 or self.rollout_batch_size < 1:
+            raise ConfigError("train.max_steps and train.rollout_batch_size must be >= 1")
+
+
+@dataclass
+class PPOConfig:
+    """Step 3: RLHF with PPO. Four models: actor (trained), critic (trained), reference and reward (frozen)."""
+
+    actor: ModelConfig = field(default_factory=ModelConfig)
+    """The policy, initialised from the step-1 (SFT) model."""
+    critic: ModelConfig = field(default_factory=ModelConfig)
+    """The value model, initialised from the step-2 reward model (default: reward.name_or_path)."""
+    reward: ModelConfig = field(default_factory=ModelConfig)
+    """The step-2 reward model (frozen)."""
+    ref: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen reference policy (default: actor.name_or_path; with actor LoRA, the actor's base itself)."""
+    actor_engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine of the actor (ZeRO stage, offload, LoRA)."""
+    critic_engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine of the critic."""
+    ref_engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine of the reference model (frozen: no optimizer)."""
+    reward_engine: EngineConfig = field(default_factory=EngineConfig)
+    """Engine of the reward model (frozen: no optimizer)."""
+    actor_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(learning_rate=1e-5, lr_scheduler="constant")
+    )
+    """Actor optimizer (its own learning rate)."""
+    critic_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(learning_rate=5e-5, lr_scheduler="constant")
+    )
+    """Critic optimizer (its own learning rate)."""
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=64))
+    """Rollout sampling (sampled, not greedy, by default)."""
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    """PPO hyper-parameters."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """Exponential moving average of the actor."""
+    ptx: PTXConfig = field(default_factory=PTXConfig)
+    """Mixture with a pretraining loss (PPO-ptx)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts (the step-3 part of each dataset)."""
+    train: PPOLoopConfig = field(default_factory=PPOLoopConfig)
+    """Loop, logging and checkpointing."""
+
+    def validate(self) -> None:
+        if not self.actor.name_or_path or not self.reward.name_or_path:
+            raise ConfigError(
+                "actor.name_or_path (step-1 model) and reward.name_or_path (step-2) are required"
+            )
+        self.critic.name_or_path = self.critic.name_or_path or self.reward.name_or_path
+        self.ref.name_or_path = self.ref.name_or_path or self.actor.name_or_path
+        for name in ("actor_engine", "critic_engine", "ref_engine", "reward_engine"):
+            getattr(self, name).validate(name)
+        self.generation.validate()
+        self.ppo.validate()
+        self.ema.validate()
+        self.train.validate()
+        if self.ppo.num_minibatches > self.train.rollout_batch_size:
+            raise ConfigError("ppo.num_minibatches must be <= train.rollout_batch_size")
