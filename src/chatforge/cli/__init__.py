@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="RLHF for any Hugging Face causal LM: SFT -> reward model -> PPO, then chat and serve.",
     )
     parser.add_argument("--version", action="version", version=f"chatforge {__version__}")
+    # The deepspeed launcher appends --local_rank=N right after the program; LOCAL_RANK is in the env too.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"chatforge.cli.{name}").register(sub)
