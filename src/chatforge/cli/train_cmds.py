@@ -17,6 +17,11 @@ CONFIG_COMMANDS = {
         "chatforge.trainers.reward:RewardTrainer",
         "step 2: train a pairwise reward model",
     ),
+    "ppo": (
+        "chatforge.config:PPOConfig",
+        "chatforge.trainers.ppo:build_trainer",
+        "step 3: RLHF with PPO (actor, critic, reference, reward)",
+    ),
 }
 
 
