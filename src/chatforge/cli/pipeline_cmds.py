@@ -1,0 +1,86 @@
+"""`chatforge train` (steps 1-3 end to end) and `chatforge demo` (the whole pipeline on a built-in task)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="run steps 1 (SFT), 2 (reward model) and 3 (PPO) end to end, resumably",
+        description="Run the InstructGPT pipeline. Outputs: DIR/actor-sft, DIR/reward, DIR/actor-rlhf, "
+        "DIR/actor-rlhf-ema (plain HF dirs) and DIR/report.html. Rerunning the same command skips finished "
+        "steps and resumes an interrupted one.",
+        epilog="Per-step settings: sft.*, reward.*, ppo.* keys (see `chatforge sft --help-config` etc.), "
+        "e.g. sft.train.epochs=2 ppo.ppo.kl_coef=0.1. Run `chatforge train --help-config` for all keys.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (win over --config)")
+    p.add_argument("--actor-model", help="step-1 model: hub name or local HF dir")
+    p.add_argument("--reward-model", help="step-2 backbone (hub name, dir, or 'sft' for the step-1 output)")
+    p.add_argument(
+        "--data", nargs="+", metavar="SPEC", help="datasets: name_or_path[:weight] (see docs/data.md)"
+    )
+    p.add_argument("--data-split", help="shares of steps 1,2,3, e.g. 2,4,4")
+    p.add_argument(
+        "--deployment-type", choices=("auto", "cpu", "single_gpu", "single_node", "multi_node"), help="preset"
+    )
+    p.add_argument("--actor-zero-stage", type=int, choices=(0, 1, 2, 3))
+    p.add_argument("--reward-zero-stage", type=int, choices=(0, 1, 2, 3))
+    p.add_argument("--step", nargs="+", type=int, choices=(1, 2, 3), help="steps to run (default: 1 2 3)")
+    p.add_argument("--output-dir", help="where everything goes")
+    p.add_argument("--config", help="YAML file with pipeline settings")
+    p.add_argument(
+        "--help-config", action="store_true", help="list every config key, its default and meaning"
+    )
+    p.set_defaults(handler=run_train)
+
+    d = sub.add_parser(
+        "demo", help="the whole pipeline on a built-in tiny model and task (offline, CPU, minutes)"
+    )
+    d.add_argument("--output-dir", default="demo-output", help="where the demo writes (default: demo-output)")
+    d.add_argument("--fresh", action="store_true", help="delete a previous demo output first")
+    d.set_defaults(handler=run_demo)
+
+
+def flag_overrides(args) -> list[str]:
+    """Turn the named flags into config overrides (applied after --config)."""
+    import json
+
+    pairs = {
+        "actor_model": args.actor_model,
+        "reward_model": args.reward_model,
+        "data.datasets": json.dumps(args.data) if args.data else None,
+        "data.data_split": f"[{args.data_split}]" if args.data_split else None,
+        "deployment_type": args.deployment_type,
+        "actor_zero_stage": args.actor_zero_stage,
+        "reward_zero_stage": args.reward_zero_stage,
+        "steps": json.dumps(args.step) if args.step else None,
+        "output_dir": args.output_dir,
+    }
+    return [f"{k}={v}" for k, v in pairs.items() if v is not None]
+
+
+def run_train(args) -> int:
+    if args.help_config:
+        from chatforge.config import format_help
+        from chatforge.pipeline.config import PipelineConfig
+
+        print(format_help(PipelineConfig))
+        return 0
+    from chatforge.pipeline import PipelineError, load_pipeline_config, run_pipeline
+
+    cfg, deployment = load_pipeline_config(args.config, [*args.overrides, *flag_overrides(args)])
+    try:
+        run_pipeline(cfg, deployment)
+    except PipelineError as exc:
+        print(f"chatforge train: {exc}")
+        return 1
+    return 0
+
+
+def run_demo(args) -> int:
+    from chatforge.pipeline.demo import run_demo as demo
+
+    return demo(args.output_dir, fresh=args.fresh)
