@@ -1,0 +1,78 @@
+"""`chatforge train` end to end: killed during step 3, rerun with the same command, it finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "--deployment-type", "cpu", "--reward-model", "sft", "--data-split", "2,4,4",
+    "sft.train.max_steps=3", "sft.train.micro_batch_size=8",
+    "reward.train.max_steps=3", "reward.train.micro_batch_size=8",
+    "ppo.train.max_steps=6", "ppo.train.save_every=1", "ppo.train.rollout_batch_size=4",
+    "ppo.train.eval_prompts=4", "ppo.generation.max_new_tokens=6", "ppo.train.tensorboard=false",
+]  # fmt: skip
+
+
+def _command(model: Path, data: Path, out: Path, cache: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "chatforge.cli", "train", "--actor-model", str(model), "--data", str(data),
+        "--output-dir", str(out), *TINY, f"data.cache_dir={cache}",
+    ]  # fmt: skip
+
+
+def _wait_for_ppo_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 400) -> None:
+    latest = out / "runs" / "ppo" / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while not latest.is_file():
+        assert proc.poll() is None, f"train ended (code {proc.returncode}) before step 3 checkpointed"
+        assert time.time() < deadline, "no step-3 checkpoint in time"
+        time.sleep(0.5)
+
+
+def _ppo_train_steps(out: Path) -> list[int]:
+    lines = (out / "runs" / "ppo" / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["phase"] == "train"]
+
+
+@pytest.mark.slow
+def test_train_killed_in_step3_resumes_and_finishes(fixture_dir, tmp_path):
+    from chatforge.fixtures import task_rows
+
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in task_rows(300, seed=0, max_operand=4)))
+    out = tmp_path / "run"
+    cmd = _command(fixture_dir / "llama", data, out, tmp_path / "cache")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        _wait_for_ppo_checkpoint(first, out)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the whole group: the orchestrator and the step-3 process
+        first.wait()
+    assert not (out / "runs" / "ppo" / "DONE").exists()
+    steps_before = _ppo_train_steps(out)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert "step 1 (sft): already finished" in second.stdout
+    assert "step 2 (reward): already finished" in second.stdout
+    steps_after = _ppo_train_steps(out)
+    # Resumed, not restarted: iterations continue after the last checkpoint and end at max_steps.
+    assert steps_after[-1] == 6 and steps_after[: len(steps_before)] == steps_before
+    assert len(steps_after) < len(steps_before) + 6
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    for name in ("actor-sft", "actor-rlhf", "actor-rlhf-ema"):
+        AutoModelForCausalLM.from_pretrained(out / name)
+    AutoModelForSequenceClassification.from_pretrained(out / "reward")
+    assert (out / "report.html").is_file()
