@@ -119,9 +119,12 @@ def lora_merged(model: nn.Module) -> Iterator[None]:
 
 
 def release_memory() -> None:
-    """Return generation buffers (KV cache, gathered weights) to the allocator between phases."""
-    gc.collect()
+    """Return generation buffers (KV cache, gathered weights) to the device between phases.
+
+    Only on accelerators, whose caching allocator keeps freed blocks: on CPU, refcounting already frees
+    the cache when the rollout ends, and a full `gc.collect()` costs ~0.35 s per rollout."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
