@@ -3,6 +3,7 @@ checkpoint rotation. No DeepSpeed here: trainers reach it only through `chatforg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -195,6 +196,21 @@ class NonFiniteGuard:
                 "or raise train.max_bad_steps."
             )
         return True
+
+
+@contextlib.contextmanager
+def zeroed_gradients(module: torch.nn.Module) -> Iterator[None]:
+    """Every parameter gradient of a backward run inside is replaced by zeros (a skipped batch).
+
+    A skipped batch still runs backward so ZeRO's gradient hooks stay in step on all ranks, but its
+    `0 * loss` alone is not enough: where activations are NaN/inf, weight gradients are 0 * NaN = NaN
+    and would poison the weights. Tensor hooks run before DeepSpeed's accumulation/reduction hooks."""
+    handles = [p.register_hook(torch.zeros_like) for p in module.parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, is_main: bool) -> None:

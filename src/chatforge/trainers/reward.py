@@ -7,6 +7,7 @@ real token. At the end, the mean/std of scores on the held-out pairs are saved b
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import SimpleNamespace
 
@@ -34,6 +35,7 @@ from .common import (
     pad_collective_forwards,
     save_train_checkpoint,
     seed_everything,
+    zeroed_gradients,
 )
 
 STATS_FILE = "reward_stats.json"
@@ -135,11 +137,13 @@ class RewardTrainer:
         for batch in window:
             chosen, rejected = self._scores(batch)
             loss, stats = pairwise_loss(chosen, rejected)
-            if self.guard.should_skip(loss, self.step + 1):
+            skip = self.guard.should_skip(loss, self.step + 1)
+            if skip:
                 loss = 0.0 * (
                     chosen.nan_to_num(0.0, 0.0, 0.0).sum() + rejected.nan_to_num(0.0, 0.0, 0.0).sum()
                 )
-            self.engine.backward(loss)
+            with zeroed_gradients(self.engine.module) if skip else contextlib.nullcontext():
+                self.engine.backward(loss)
             self.engine.step()
             sums += torch.tensor([loss.item(), float(stats["accuracy"])])
         sums = all_reduce_sum(sums) / (len(window) * self.dist.world_size)

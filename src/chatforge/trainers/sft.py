@@ -6,6 +6,7 @@ checkpoints), then the final export.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -38,6 +39,7 @@ from .common import (
     pad_collective_forwards,
     save_train_checkpoint,
     seed_everything,
+    zeroed_gradients,
 )
 
 
@@ -158,10 +160,12 @@ class SFTTrainer:
         total = torch.zeros(())
         for batch in window:
             loss_sum, _, logits = self._loss_sum(batch)
-            if self.guard.should_skip(loss_sum, self.step + 1):
+            skip = self.guard.should_skip(loss_sum, self.step + 1)
+            if skip:
                 # A zero loss still runs backward, so ZeRO's gradient hooks stay in step on all ranks.
                 loss_sum = 0.0 * logits.nan_to_num(0.0, 0.0, 0.0).mean()
-            self.engine.backward(loss_sum * scale)
+            with zeroed_gradients(self.engine.module) if skip else contextlib.nullcontext():
+                self.engine.backward(loss_sum * scale)
             self.engine.step()
             total += loss_sum.detach().float().cpu()
         return (all_reduce_sum(total) / n_tokens.clamp(min=1)).item()
