@@ -7,7 +7,7 @@ B = batch, P = prompt length (left padded), A = response length, T = P + A, V = 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -119,5 +119,5 @@ def load_ppo_checkpoint(engine, run: RunDir, ema=None) -> LoopState | None:
     set_rng_state(client.pop("rng"))
     if ema is not None and "ema" in client:
         ema.load_state_dict(client.pop("ema"))
-    client.pop("ema", None)
-    return LoopState(**client)
+    # DeepSpeed returns its own keys in the client state too; keep ours.
+    return LoopState(**{f.name: client[f.name] for f in fields(LoopState)})
