@@ -178,7 +178,7 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
-        _deep_update(data, loaded)
+        deep_update(data, loaded)
     merge_overrides(data, overrides)
     try:
         cfg = from_dict(cls, data)
@@ -191,12 +191,14 @@ def load_config(
     return cfg
 
 
-def _deep_update(dst: dict, src: dict) -> None:
+def deep_update(dst: dict, src: dict) -> dict:
+    """Merge nested dict `src` into `dst` in place (sub-dicts merged, other values replaced)."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
+            deep_update(dst[k], v)
         else:
             dst[k] = v
+    return dst
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

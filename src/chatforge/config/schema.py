@@ -172,16 +172,16 @@ class LoopConfig:
 
 
 @dataclass
-class SFTConfig:
-    """Step 1: supervised fine-tuning."""
+class StepConfig:
+    """What steps 1 and 2 share: one model trained on one part of the data."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The model to fine-tune."""
+    """The model to train."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Training data (the step-1 part of each dataset)."""
+    """Training data (this step's part of each dataset)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Distributed engine settings."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-4))
+    optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
     train: LoopConfig = field(default_factory=LoopConfig)
     """Loop, logging and checkpointing."""
@@ -195,26 +195,23 @@ class SFTConfig:
 
 
 @dataclass
-class RewardConfig:
+class SFTConfig(StepConfig):
+    """Step 1: supervised fine-tuning."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-4))
+    """Optimizer and schedule."""
+
+
+@dataclass
+class RewardConfig(StepConfig):
     """Step 2: pairwise reward model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """Backbone (a causal LM or a sequence-classification model)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Preference pairs (the step-2 part of each dataset)."""
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    """Distributed engine settings."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=5e-5))
     """Optimizer and schedule."""
-    train: LoopConfig = field(default_factory=LoopConfig)
-    """Loop, logging and checkpointing."""
-
-    def validate(self) -> None:
-        if not self.model.name_or_path:
-            raise ConfigError("model.name_or_path is required (a hub name or a local model dir)")
-        self.data.validate()
-        self.engine.validate()
-        self.train.validate()
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from chatforge.config import ConfigError, EngineConfig
+from chatforge.config.loader import deep_update
 
 
 def resolve_precision(precision: str) -> str:
@@ -25,15 +26,6 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         resolve_precision(precision)
     ]
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def build_ds_config(
@@ -63,7 +55,7 @@ def build_ds_config(
         "zero_allow_untested_optimizer": True,
     }
     if cfg.deepspeed_config:
-        _deep_merge(ds, load_user_config(cfg.deepspeed_config))
+        deep_update(ds, load_user_config(cfg.deepspeed_config))
     return ds
 
 
