@@ -344,6 +344,9 @@ class PPOLoopConfig:
     """Continue from the last checkpoint in output_dir."""
     tensorboard: bool = True
     """Also write tensorboard event files."""
+    task_check: str | None = None
+    """'module:function' called as f(prompt_text, response_text) -> bool; evaluations then log task_accuracy
+    (e.g. chatforge.fixtures.task:is_correct for the demo task)."""
     keep_checkpoints: int = 1
     """How many resumable checkpoints to keep."""
 

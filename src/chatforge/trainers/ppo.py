@@ -214,4 +214,21 @@ class PPOTrainer:
 
 def build_trainer(config: PPOConfig) -> PPOTrainer:
     """`chatforge ppo`: the four engines from the config, then the trainer."""
-    return PPOTrainer(RLHFEngine(config), config)
+    return PPOTrainer(RLHFEngine(config), config, task_check=resolve_task_check(config.train.task_check))
+
+
+def resolve_task_check(path: str | None) -> TaskCheck | None:
+    """Import 'module:function' (train.task_check), with an error that names the setting."""
+    if not path:
+        return None
+    import importlib
+
+    from chatforge.config import ConfigError
+
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(
+            f"train.task_check={path!r} cannot be imported ({exc}); use 'package.module:function'"
+        ) from None
