@@ -12,7 +12,7 @@ import torch
 
 from chatforge.trainers.common import TrainingDiverged
 
-# The same optimizer steps in the same process kind: only summation order may differ.
+# The same optimizer steps replayed from a checkpoint: bit-identical here; 1e-6 is slack.
 RESUME_TOL = 1e-6
 # ZeRO-2 on 2 ranks vs 1 rank, same 16 rows per step: gradients are summed in another order (gloo
 # all-reduce of two 8-row halves); 2e-6 was seen over 8 steps at lr 3e-3.
