@@ -299,16 +299,83 @@ def load_train_checkpoint(engine, run: RunDir, schedule: BatchSchedule) -> dict 
     return state
 
 
-def pad_collective_forwards(engine, n_rows: int, micro: int, forward_dummy) -> None:
+def pad_collective_forwards(zero_stage: int, dp, n_rows: int, micro: int, forward_dummy) -> None:
     """Under ZeRO-3 every forward is collective, so a rank with fewer eval batches than the busiest
-    one runs dummy forwards until all ranks have run the same number."""
-    world, rank = engine.dist.world_size, engine.dist.rank
-    if engine.cfg.zero_stage != 3 or world == 1:
+    one runs dummy forwards until all ranks have run the same number. `dp` (rank, world_size) is the
+    data-parallel axis the eval rows are dealt over."""
+    if zero_stage != 3 or dp.world_size == 1:
         return
-    mine = len(list(eval_batches(n_rows, micro, rank, world)))
-    most = len(list(eval_batches(n_rows, micro, 0, world)))
+    mine = len(list(eval_batches(n_rows, micro, dp.rank, dp.world_size)))
+    most = len(list(eval_batches(n_rows, micro, 0, dp.world_size)))
     for _ in range(most - mine):
         forward_dummy()
+
+
+@dataclass
+class StepSetup:
+    """What steps 1 and 2 build before their loop: process layout, data, schedule, engine, logging."""
+
+    dist: object
+    sp: object
+    dp: object
+    run: RunDir
+    tokenizer: object
+    data: object
+    collate: object
+    schedule: BatchSchedule
+    global_batch_size: int
+    total_steps: int
+    engine: object
+    metrics: MetricsLogger
+    guard: NonFiniteGuard
+
+
+def setup_step(
+    config, step: str, collate_cls, model_loader, trainable_heads: tuple[str, ...] = ()
+) -> StepSetup:
+    """Distributed set-up, run dir, data of `step`, the deterministic schedule and the engine.
+
+    `model_loader(model_cfg, dtype, pad_token_id)` builds the HF model (inside ZeRO-3 init when needed)."""
+    from chatforge.config import save_yaml
+    from chatforge.data import load_step_data
+    from chatforge.engine import TrainEngine, init_distributed
+    from chatforge.engine.sequence_parallel import init_sequence_parallel, reject_packing
+    from chatforge.models.loading import load_tokenizer
+
+    config.validate()
+    t = config.train
+    dist = init_distributed()
+    # Ranks of one sequence-parallel group share each row, so rows are dealt over data-parallel ranks.
+    sp = init_sequence_parallel(config.engine.sequence_parallel_size, dist)
+    reject_packing(config.data.packing, sp)
+    dp = sp.data_parallel(dist)
+    run = RunDir.create(t.output_dir, t.final_model_dir)
+    seed_everything(t.seed)
+    if dist.is_main:
+        save_yaml(config, run.config)
+    tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
+    data = load_step_data(config.data, tokenizer, step)
+    schedule = BatchSchedule(
+        len(data.train), t.micro_batch_size, t.gradient_accumulation_steps, dp.rank, dp.world_size, t.seed
+    )
+    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * dp.world_size
+    build_splits_or_fail(len(data.train), schedule.steps_per_epoch, global_batch, step)
+    total_steps = schedule.total_steps(t.epochs, t.max_steps)
+    engine = TrainEngine(
+        lambda dtype: model_loader(config.model, dtype, tokenizer.pad_token_id),
+        config.engine,
+        config.optim,
+        micro_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        total_steps=total_steps,
+        trainable_heads=trainable_heads,
+        dist=dist,
+    )
+    metrics = MetricsLogger(run, dist.is_main, t.tensorboard)
+    return StepSetup(
+        dist, sp, dp, run, tokenizer, data, collate_cls(tokenizer), schedule, global_batch, total_steps,
+        engine, metrics, NonFiniteGuard(t.max_bad_steps),
+    )  # fmt: skip
 
 
 def mark_done(run: RunDir, is_main: bool, step: int, final: dict) -> None:

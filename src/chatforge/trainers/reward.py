@@ -9,24 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-from types import SimpleNamespace
 
 import torch
 
 from chatforge.algorithms import pairwise_loss
-from chatforge.config import RewardConfig, save_yaml
-from chatforge.engine import TrainEngine, all_reduce_sum, barrier, init_distributed
-from chatforge.engine.sequence_parallel import init_sequence_parallel, shard_batch, sp_sequence_scores
-from chatforge.models.loading import load_scorer, load_tokenizer
+from chatforge.config import RewardConfig
+from chatforge.engine import all_reduce_sum, barrier
+from chatforge.engine.sequence_parallel import shard_batch, sp_sequence_scores
+from chatforge.models.loading import load_scorer
 from chatforge.models.value import sequence_scores
 
 from .common import (
-    BatchSchedule,
-    MetricsLogger,
-    NonFiniteGuard,
     Progress,
-    RunDir,
-    build_splits_or_fail,
     eval_batches,
     load_train_checkpoint,
     log,
@@ -34,7 +28,7 @@ from .common import (
     maybe_die,
     pad_collective_forwards,
     save_train_checkpoint,
-    seed_everything,
+    setup_step,
     zeroed_gradients,
 )
 
@@ -43,43 +37,14 @@ STATS_FILE = "reward_stats.json"
 
 class RewardTrainer:
     def __init__(self, config: RewardConfig):
-        from chatforge.data import PairCollator, load_step_data
+        from chatforge.data import PairCollator
 
-        config.validate()
-        self.cfg, t = config, config.train
-        self.dist = init_distributed()
-        # Ranks of one sequence-parallel group share each pair, so pairs are dealt over data-parallel ranks.
-        self.sp = init_sequence_parallel(config.engine.sequence_parallel_size, self.dist)
-        self.dp = self.sp.data_parallel(self.dist)
-        self.run = RunDir.create(t.output_dir, t.final_model_dir)
-        seed_everything(t.seed)
-        if self.dist.is_main:
-            save_yaml(config, self.run.config)
-        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
-        self.data = load_step_data(config.data, self.tokenizer, "reward")
-        self.collate = PairCollator(self.tokenizer)
-        self.schedule = BatchSchedule(
-            len(self.data.train), t.micro_batch_size, t.gradient_accumulation_steps,
-            self.dp.rank, self.dp.world_size, t.seed,
-        )  # fmt: skip
-        dp = self.dist.world_size // max(1, config.engine.sequence_parallel_size)
-        self.global_batch_size = t.micro_batch_size * t.gradient_accumulation_steps * dp
-        build_splits_or_fail(
-            len(self.data.train), self.schedule.steps_per_epoch, self.global_batch_size, "reward"
-        )
-        self.total_steps = self.schedule.total_steps(t.epochs, t.max_steps)
-        self.engine = TrainEngine(
-            lambda dtype: load_scorer(config.model, dtype, self.tokenizer.pad_token_id),
-            config.engine,
-            config.optim,
-            micro_batch_size=t.micro_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            total_steps=self.total_steps,
-            trainable_heads=("score",),
-            dist=self.dist,
-        )
-        self.metrics = MetricsLogger(self.run, self.dist.is_main, t.tensorboard)
-        self.guard = NonFiniteGuard(t.max_bad_steps)
+        self.cfg = config
+        s = setup_step(config, "reward", PairCollator, load_scorer, trainable_heads=("score",))
+        self.dist, self.sp, self.dp, self.run = s.dist, s.sp, s.dp, s.run
+        self.tokenizer, self.data, self.collate, self.schedule = s.tokenizer, s.data, s.collate, s.schedule
+        self.engine, self.metrics, self.guard = s.engine, s.metrics, s.guard
+        self.global_batch_size, self.total_steps = s.global_batch_size, s.total_steps
         self.step = 0
 
     def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +126,8 @@ class RewardTrainer:
             rejected_all.append(rejected.float().cpu())
         dummy = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.engine.device)
         pad_collective_forwards(
-            SimpleNamespace(dist=self.dp, cfg=self.engine.cfg),  # rows are dealt over data-parallel ranks
+            self.cfg.engine.zero_stage,
+            self.dp,
             n_eval,
             mb,
             lambda: self._scores(

@@ -8,29 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from types import SimpleNamespace
 
 import torch
 
 from chatforge.algorithms import sft_loss
-from chatforge.config import SFTConfig, save_yaml
-from chatforge.engine import TrainEngine, all_reduce_sum, init_distributed
+from chatforge.config import SFTConfig
+from chatforge.engine import all_reduce_sum
 from chatforge.engine.sequence_parallel import (
-    init_sequence_parallel,
-    reject_packing,
     shard_batch,
     sharded_sft_loss,
     sp_model_inputs,
 )
-from chatforge.models.loading import load_causal_lm, load_tokenizer
+from chatforge.models.loading import load_causal_lm
 
 from .common import (
-    BatchSchedule,
-    MetricsLogger,
-    NonFiniteGuard,
     Progress,
-    RunDir,
-    build_splits_or_fail,
     eval_batches,
     load_train_checkpoint,
     log,
@@ -38,7 +30,7 @@ from .common import (
     maybe_die,
     pad_collective_forwards,
     save_train_checkpoint,
-    seed_everything,
+    setup_step,
     zeroed_gradients,
 )
 
@@ -50,49 +42,15 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
 
 class SFTTrainer:
     def __init__(self, config: SFTConfig):
-        from chatforge.data import SFTCollator, load_step_data
+        from chatforge.data import SFTCollator
 
-        config.validate()
-        self.cfg, t = config, config.train
-        self.dist = init_distributed()
-        # Ranks of one sequence-parallel group share each row, so rows are dealt over data-parallel ranks.
-        self.sp = init_sequence_parallel(config.engine.sequence_parallel_size, self.dist)
-        reject_packing(config.data.packing, self.sp)
-        self.dp = self.sp.data_parallel(self.dist)
-        self.run = RunDir.create(t.output_dir, t.final_model_dir)
-        seed_everything(t.seed)
-        if self.dist.is_main:
-            save_yaml(config, self.run.config)
-        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
-        self.data = load_step_data(config.data, self.tokenizer, "sft")
-        self.collate = SFTCollator(self.tokenizer)
-        self.schedule = BatchSchedule(
-            len(self.data.train), t.micro_batch_size, t.gradient_accumulation_steps,
-            self.dp.rank, self.dp.world_size, t.seed,
-        )  # fmt: skip
-        build_splits_or_fail(
-            len(self.data.train), self.schedule.steps_per_epoch, self.global_batch_size, "SFT"
-        )
-        self.total_steps = self.schedule.total_steps(t.epochs, t.max_steps)
-        self.engine = TrainEngine(
-            lambda dtype: load_causal_lm(config.model, dtype, self.tokenizer.pad_token_id),
-            config.engine,
-            config.optim,
-            micro_batch_size=t.micro_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            total_steps=self.total_steps,
-            dist=self.dist,
-        )
-        self.metrics = MetricsLogger(self.run, self.dist.is_main, t.tensorboard)
-        self.guard = NonFiniteGuard(t.max_bad_steps)
+        self.cfg = config
+        s = setup_step(config, "sft", SFTCollator, load_causal_lm)
+        self.dist, self.sp, self.dp, self.run = s.dist, s.sp, s.dp, s.run
+        self.tokenizer, self.data, self.collate, self.schedule = s.tokenizer, s.data, s.collate, s.schedule
+        self.engine, self.metrics, self.guard = s.engine, s.metrics, s.guard
+        self.global_batch_size, self.total_steps = s.global_batch_size, s.total_steps
         self.step = 0
-
-    @property
-    def global_batch_size(self) -> int:
-        """Rows per optimizer step over all data-parallel ranks (derived, never asked for)."""
-        t = self.cfg.train
-        dp = self.dist.world_size // max(1, self.cfg.engine.sequence_parallel_size)
-        return t.micro_batch_size * t.gradient_accumulation_steps * dp
 
     def fit(self) -> dict:
         t = self.cfg.train
@@ -181,9 +139,9 @@ class SFTTrainer:
             sums += torch.tensor([float(loss_sum), float(n)])
         dummy = torch.full((1, 1), self.tokenizer.pad_token_id)
         dummy_batch = {"input_ids": dummy, "attention_mask": torch.ones_like(dummy), "labels": dummy}
-        # Rows are dealt over data-parallel ranks, so the padding count is taken along that axis.
-        dp_engine = SimpleNamespace(dist=self.dp, cfg=self.engine.cfg)
-        pad_collective_forwards(dp_engine, n_eval, mb, lambda: self._loss_sum(dummy_batch))
+        pad_collective_forwards(
+            self.cfg.engine.zero_stage, self.dp, n_eval, mb, lambda: self._loss_sum(dummy_batch)
+        )
         sums = all_reduce_sum(sums)
         self.engine.train()
         loss = (sums[0] / sums[1].clamp(min=1)).item()
