@@ -103,8 +103,10 @@ def save_ppo_checkpoint(engine, run: RunDir, state: LoopState, keep: int, ema=No
     client = {**state.__dict__, "rng": rng_state()}
     if ema is not None:
         client["ema"] = ema.state_dict()
-    engine.actor.save_checkpoint(run.checkpoints / "actor", tag=tag, client_state=client)
+    # The critic goes first: the actor's `latest` pointer is the commit point that resume reads, so a
+    # crash between the two saves leaves both engines at the previous, complete checkpoint.
     engine.critic.save_checkpoint(run.checkpoints / "critic", tag=tag)
+    engine.actor.save_checkpoint(run.checkpoints / "actor", tag=tag, client_state=client)
     barrier()
     for part in ("actor", "critic"):
         prune_checkpoints(run.checkpoints / part, keep, engine.dist.is_main)
