@@ -20,17 +20,11 @@ from chatforge.models.loading import load_scorer
 from chatforge.models.value import sequence_scores
 
 from .common import (
-    Progress,
     eval_batches,
-    load_train_checkpoint,
-    log,
-    mark_done,
-    maybe_die,
     pad_collective_forwards,
-    save_train_checkpoint,
-    setup_step,
     zeroed_gradients,
 )
+from .step_loop import finish_step, run_step_loop, setup_step
 
 STATS_FILE = "reward_stats.json"
 
@@ -60,40 +54,10 @@ class RewardTrainer:
         return scores.chunk(2)
 
     def fit(self) -> dict:
-        t = self.cfg.train
-        state = load_train_checkpoint(self.engine, self.run, self.schedule) if t.resume else None
-        self.step = state["step"] if state else 0
-        log.info(
-            "reward: %d pairs, global batch %d, %d steps",
-            len(self.data.train),
-            self.global_batch_size,
-            self.total_steps,
-        )
-        if self.step == 0:
-            self.evaluate()
-        bar = Progress(self.total_steps, "reward", self.dist.is_main, initial=self.step)
-        for window in self.schedule.windows():
-            if self.step >= self.total_steps:
-                break
-            stats = self._train_step([self.collate([self.data.train[j] for j in idx]) for idx in window])
-            self.step += 1
-            bar.update(1, loss=stats["loss"], acc=stats["accuracy"])
-            if self.step % t.log_every == 0:
-                self.metrics.log(
-                    "train", self.step, {**stats, "lr": self.engine.lr, "grad_norm": self.engine.grad_norm}
-                )
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
-                self.evaluate()
-            if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                save_train_checkpoint(self.engine, self.run, self.step, self.schedule, t.keep_checkpoints)
-            maybe_die(self.step)
-        bar.close()
+        run_step_loop(self, "reward", "pairs")
         final = self.evaluate(keep_scores=True)
-        save_train_checkpoint(self.engine, self.run, self.step, self.schedule, t.keep_checkpoints)
-        self.engine.save_hf(self.run.final_model, self.tokenizer)
-        self._save_score_stats(final.pop("scores"))
-        mark_done(self.run, self.dist.is_main, self.step, final)
-        self.metrics.close()
+        scores = final.pop("scores")
+        finish_step(self, final, before_done=lambda: self._save_score_stats(scores))
         return final
 
     def _train_step(self, window: list[dict]) -> dict:

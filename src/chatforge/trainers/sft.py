@@ -22,17 +22,11 @@ from chatforge.engine.sequence_parallel import (
 from chatforge.models.loading import load_causal_lm
 
 from .common import (
-    Progress,
     eval_batches,
-    load_train_checkpoint,
-    log,
-    mark_done,
-    maybe_die,
     pad_collective_forwards,
-    save_train_checkpoint,
-    setup_step,
     zeroed_gradients,
 )
+from .step_loop import finish_step, run_step_loop, setup_step
 
 
 def count_loss_tokens(labels: torch.Tensor) -> int:
@@ -53,41 +47,9 @@ class SFTTrainer:
         self.step = 0
 
     def fit(self) -> dict:
-        t = self.cfg.train
-        state = load_train_checkpoint(self.engine, self.run, self.schedule) if t.resume else None
-        self.step = state["step"] if state else 0
-        log.info(
-            "SFT: %d rows, global batch %d, %d steps",
-            len(self.data.train),
-            self.global_batch_size,
-            self.total_steps,
-        )
-        if self.step == 0:
-            self.evaluate()  # the starting point of the eval curve
-        bar = Progress(self.total_steps, "sft", self.dist.is_main, initial=self.step)
-        for window in self.schedule.windows():
-            if self.step >= self.total_steps:
-                break
-            loss = self._train_step([self.collate([self.data.train[j] for j in idx]) for idx in window])
-            self.step += 1
-            bar.update(1, loss=loss)
-            if self.step % t.log_every == 0:
-                self.metrics.log(
-                    "train",
-                    self.step,
-                    {"loss": loss, "lr": self.engine.lr, "grad_norm": self.engine.grad_norm},
-                )
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
-                self.evaluate()
-            if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                save_train_checkpoint(self.engine, self.run, self.step, self.schedule, t.keep_checkpoints)
-            maybe_die(self.step)
-        bar.close()
+        run_step_loop(self, "sft", "rows")
         final = self.evaluate()
-        save_train_checkpoint(self.engine, self.run, self.step, self.schedule, t.keep_checkpoints)
-        self.engine.save_hf(self.run.final_model, self.tokenizer)
-        mark_done(self.run, self.dist.is_main, self.step, final)
-        self.metrics.close()
+        finish_step(self, final)
         return final
 
     def _loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,7 +64,7 @@ class SFTTrainer:
         logits = self.engine(**model_inputs(batch)).logits
         return (*sft_loss(logits, batch["labels"]), logits)
 
-    def _train_step(self, window: list[dict]) -> float:
+    def _train_step(self, window: list[dict]) -> dict:
         """One optimizer step; the loss is the exact token mean over the window on all ranks.
 
         DeepSpeed's gradient is (1 / (dp * accumulation)) * sum over all ranks and micro-batches of
@@ -126,7 +88,7 @@ class SFTTrainer:
                 self.engine.backward(loss_sum * scale)
             self.engine.step()
             total += loss_sum.detach().float().cpu()
-        return (all_reduce_sum(total) / n_tokens.clamp(min=1)).item()
+        return {"loss": (all_reduce_sum(total) / n_tokens.clamp(min=1)).item()}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
