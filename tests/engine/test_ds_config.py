@@ -76,3 +76,26 @@ def test_param_groups_skip_decay_on_norms_and_biases():
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and len(decay["params"]) == 1
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_stage0_grad_norm_is_the_pre_clipping_norm(fixture_dir):
+    """DeepSpeed reports no norm at ZeRO-0; the engine's own equals a by-hand norm of the same gradients."""
+    import torch
+
+    from chatforge.config import ModelConfig
+    from chatforge.engine import TrainEngine
+    from chatforge.models.loading import load_causal_lm
+
+    engine = TrainEngine(
+        lambda dtype: load_causal_lm(ModelConfig(str(fixture_dir / "llama")), dtype),
+        EngineConfig(zero_stage=0, gradient_clipping=0.01),
+        OptimConfig(learning_rate=1e-3),
+        micro_batch_size=2,
+    )
+    ids = torch.randint(10, 400, (2, 8), generator=torch.Generator().manual_seed(0))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    grads = [p.grad.detach().clone() for p in engine.module.parameters() if p.grad is not None]
+    by_hand = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item()
+    engine.step()
+    assert by_hand > 0.01  # so clipping to 0.01 changed the gradients the optimizer used
+    assert engine.grad_norm == pytest.approx(by_hand, rel=1e-5)

@@ -125,6 +125,10 @@ class TrainEngine:
         """Count a micro step; at an accumulation boundary also update weights and lr. Returns
         True when the weights were updated."""
         boundary = self.ds.is_gradient_accumulation_boundary()
+        if boundary and self.cfg.zero_stage == 0 and self.trainable:
+            # DeepSpeed records the norm only for its own optimizers; at stage 0 the averaged gradients
+            # sit on the parameters, so the pre-clipping norm is read here.
+            self._stage0_grad_norm = _total_grad_norm(self.module)
         self.ds.step()
         return boundary
 
@@ -140,8 +144,11 @@ class TrainEngine:
 
     @property
     def grad_norm(self) -> float | None:
+        """Global gradient norm of the last optimizer step, before clipping."""
         norm = self.ds.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        if norm is None:
+            return getattr(self, "_stage0_grad_norm", None)
+        return float(norm)
 
     @property
     def global_steps(self) -> int:
@@ -181,3 +188,9 @@ class TrainEngine:
         if path is None:
             return None
         return client_state or {}
+
+
+def _total_grad_norm(module: torch.nn.Module) -> float | None:
+    """L2 norm over every parameter gradient (None when no parameter has one)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
