@@ -4,7 +4,7 @@ Trainers build a `TrainEngine` per model and call forward/backward/step, `gather
 and the checkpoint methods; nothing outside this package touches DeepSpeed.
 """
 
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .ds_config import build_ds_config, resolve_precision, torch_dtype
 from .export import atomic_dir, gathered_state_dict, save_hf
 from .train_engine import TrainEngine, zero3_init
@@ -15,7 +15,6 @@ __all__ = [
     "all_reduce_sum",
     "atomic_dir",
     "barrier",
-    "broadcast_object",
     "build_ds_config",
     "gathered_state_dict",
     "init_distributed",

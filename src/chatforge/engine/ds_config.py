@@ -14,7 +14,7 @@ from chatforge.config.loader import deep_update
 def resolve_precision(precision: str) -> str:
     """'auto' -> bf16 on GPUs that support it, else fp32 (CPU bf16 is ~12x slower; fp16 is refused)."""
     if precision != "auto":
-        if precision in ("bf16", "fp16") and not torch.cuda.is_available() and precision == "fp16":
+        if precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("engine.precision=fp16 is not supported on CPU; use fp32 (or bf16, slow)")
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from .sequence_parallel import (
     init_sequence_parallel,
     zero3_loss_factor,
 )
-
-log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager

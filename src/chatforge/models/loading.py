@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
 from chatforge.config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -5,7 +5,6 @@ so its memory is returned before the next step starts."""
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from chatforge.config import ConfigError, load_config, save_yaml
 from .config import PipelineConfig
 from .presets import Deployment, choose
 
-log = logging.getLogger("chatforge")
 STEP_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
 
 
