@@ -77,7 +77,9 @@ def cmd_resume(args) -> None:
     state = fresh.load_checkpoint(args.ckpt)
     resumed = train_steps(fresh, batch, 1)
     if info.is_main:
-        Path(args.out).write_text(json.dumps({"expected": expected, "resumed": resumed, "state": {"step": state["step"]}}))
+        Path(args.out).write_text(
+            json.dumps({"expected": expected, "resumed": resumed, "state": {"step": state["step"]}})
+        )
 
 
 def cmd_lora(args) -> None:

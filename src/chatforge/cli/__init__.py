@@ -9,7 +9,15 @@ import importlib
 import sys
 
 # Modules under chatforge.cli that define `register(subparsers)`; order = order in --help.
-COMMAND_MODULES = ("fixtures_cmd", "data_cmd", "train_cmds", "pipeline_cmds", "chat_cmd", "serve_cmd", "report_cmd")
+COMMAND_MODULES = (
+    "fixtures_cmd",
+    "data_cmd",
+    "train_cmds",
+    "pipeline_cmds",
+    "chat_cmd",
+    "serve_cmd",
+    "report_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
