@@ -1,10 +1,18 @@
-"""Per-token rewards and GAE against hand-computed values and invariants."""
+"""Per-token rewards, GAE and the critic-free estimators against hand-computed values and invariants."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from chatforge.algorithms import compute_gae, compute_token_rewards
+from chatforge.algorithms import (
+    compute_gae,
+    compute_token_rewards,
+    group_advantages,
+    reinforce_pp_advantages,
+)
 
 MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
 
@@ -61,3 +69,45 @@ def test_gae_lambda_0_is_the_one_step_td_error():
     adv, _ = compute_gae(rewards, values, torch.ones(1, 3), gamma=0.5, lam=0.0)
     # 1 + 0.5 * 0.2 - 0.1 = 1.0; 2 + 0.5 * 0.3 - 0.2 = 1.95; 3 + 0 - 0.3 = 2.7
     assert torch.allclose(adv, torch.tensor([[1.0, 1.95, 2.7]]), atol=1e-6)
+
+
+# Two prompts, G = 3 responses each: rewards (1, 0, 0) and (2, 2, 5).
+GROUPS = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 5.0])
+
+
+def test_grpo_divides_the_centred_reward_by_the_group_std():
+    # Group 1: mean 1/3, sample std sqrt(1/3) = 0.577350; (2/3) / 0.57735 = 1.154701, (-1/3) / 0.57735 = -0.577350.
+    # Group 2: mean 3, sample std sqrt(3) = 1.732051; -1 / 1.732051 = -0.577350, 2 / 1.732051 = 1.154701.
+    got = group_advantages(GROUPS, 3, "grpo", eps=0.0)
+    want = torch.tensor([1.154701, -0.577350, -0.577350, -0.577350, -0.577350, 1.154701])
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_dr_grpo_only_centres():
+    got = group_advantages(GROUPS, 3, "dr_grpo")
+    assert torch.allclose(got, torch.tensor([2 / 3, -1 / 3, -1 / 3, -1.0, -1.0, 2.0]), atol=1e-6)
+
+
+def test_rloo_subtracts_the_mean_of_the_others():
+    # 1 - (0 + 0) / 2 = 1; 0 - (1 + 0) / 2 = -0.5; 2 - (2 + 5) / 2 = -1.5; 5 - (2 + 2) / 2 = 3.
+    got = group_advantages(GROUPS, 3, "rloo")
+    assert torch.allclose(got, torch.tensor([1.0, -0.5, -0.5, -1.5, -1.5, 3.0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_a_group_of_equal_rewards_or_of_one_response_teaches_nothing(estimator):
+    assert group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.7]), 4, estimator).abs().max() == 0
+    assert group_advantages(torch.tensor([3.0, -1.0]), 1, estimator).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_advantages(torch.tensor([1.0, 2.0]), 3, estimator)
+
+
+def test_reinforce_pp_whitens_the_returns_over_the_batch():
+    # Rewards (score at the last token, -0.1 KL per token), mask rows of 2 and 1 tokens:
+    # returns row 0: (-0.1 + 1.0, 1.0) = (0.9, 1.0); row 1: (-1.0). Mean 0.3, unbiased var
+    # ((0.6^2 + 0.7^2 + 1.3^2) / 2) = 1.27, so (x - 0.3) / sqrt(1.27).
+    rewards = torch.tensor([[-0.1, 1.0], [-1.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    got = reinforce_pp_advantages(rewards, mask)
+    s = math.sqrt(1.27)
+    assert torch.allclose(got, torch.tensor([[0.6 / s, 0.7 / s], [-1.3 / s, 0.0]]), atol=1e-5)

@@ -18,11 +18,10 @@ def _experience(batch: int = 5, prompt: int = 2, response: int = 3) -> Experienc
         prompt_len=prompt,
         logprobs=per_token,
         ref_logprobs=per_token + 100,
-        values=per_token,
         scores=row.squeeze(1),
         rewards=per_token,
         advantages=per_token,
-        returns=per_token,
+        stats={"reward": 1.0},
     )
 
 
@@ -34,7 +33,7 @@ def test_minibatches_split_shuffle_and_keep_rows_together():
     assert sorted(seen.tolist()) == [0, 1, 2, 3, 4]
     assert seen.tolist() != [0, 1, 2, 3, 4]  # shuffled, not split in order
     for part in parts:
-        assert part.prompt_len == 2 and part.gen_logprobs is None
+        assert part.prompt_len == 2 and part.values is None and part.stats == {"reward": 1.0}
         assert torch.equal(part.sequences[:, 0].float(), part.scores)
         assert torch.equal(part.ref_logprobs[:, 0], part.scores + 100)
     again = exp.minibatches(2, torch.Generator().manual_seed(0))

@@ -10,13 +10,22 @@ import torch
 from chatforge.algorithms import (
     AdaptiveKLController,
     FixedKLController,
-    entropy_from_logits,
     kl_k1,
     kl_k2,
     kl_k3,
     kl_penalty,
-    logprobs_from_logits,
+    token_logprobs,
 )
+
+
+def logprobs_from_logits(logits, tokens):
+    return token_logprobs(logits, tokens)[0]
+
+
+def entropy_from_logits(logits):
+    tokens = torch.zeros(logits.shape[:-1], dtype=torch.long)
+    return token_logprobs(logits, tokens, with_entropy=True)[1]
+
 
 LN3 = math.log(3.0)
 
@@ -45,6 +54,20 @@ def test_entropy_hand_values():
     # -(2 * 0.2 ln 0.2 + 0.6 ln 0.6) = 0.950271; a uniform 4-way distribution has ln 4.
     logits = torch.tensor([[[0.0, LN3, 0.0, -1e4], [1.0, 1.0, 1.0, 1.0]]])
     assert torch.allclose(entropy_from_logits(logits), torch.tensor([[0.950271, math.log(4)]]), atol=1e-5)
+
+
+def test_temperature_scales_the_logits_and_chunks_do_not_matter(monkeypatch):
+    # Logits (0, 2 ln 3, 0) at T = 2 are (0, ln 3, 0): probabilities 1/5, 3/5, 1/5.
+    logits = torch.tensor([[[0.0, 2 * LN3, 0.0]]])
+    logp, entropy = token_logprobs(logits, torch.tensor([[1]]), temperature=2.0, with_entropy=True)
+    assert math.isclose(logp.item(), math.log(0.6), abs_tol=1e-6)
+    assert math.isclose(entropy.item(), 0.950271, abs_tol=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    logits, tokens = torch.randn(3, 5, 7, generator=gen), torch.randint(0, 7, (3, 5), generator=gen)
+    whole = token_logprobs(logits, tokens, 0.7, with_entropy=True)
+    monkeypatch.setattr("chatforge.algorithms.logprobs._CHUNK_ELEMENTS", 7 * 2)  # 2 rows per chunk
+    chunked = token_logprobs(logits, tokens, 0.7, with_entropy=True)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
 def test_kl_estimators_hand_values():

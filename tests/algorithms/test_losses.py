@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from chatforge.algorithms import pairwise_loss, policy_loss, sft_loss, value_loss
+from chatforge.algorithms import aggregate, dpo_loss, pairwise_loss, policy_loss, sft_loss, value_loss
+from chatforge.algorithms.diversity import distinct_n, identical_share
 
 
 def test_policy_loss_hand_values_and_gradients():
@@ -78,3 +80,45 @@ def test_pairwise_loss_hand_values():
     assert math.isclose(loss.item(), 0.813262, abs_tol=1e-6)
     assert stats["accuracy"].item() == 0.5
     assert stats["margin"].item() == 0.0
+
+
+def test_loss_aggregations_hand_values():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])  # 9.0 and 0.0 are under the mask
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(10 / 4)  # (1+2+3+4) / 4 tokens
+    assert aggregate(per_token, mask, "seq_mean").item() == pytest.approx((2 + 4) / 2)  # means 2 and 4
+    assert aggregate(per_token, mask, "seq_sum", max_len=5).item() == pytest.approx((6 + 4) / 2 / 5)
+
+
+def test_dpo_sigmoid_ipo_and_label_smoothing_hand_values():
+    # h = (-1 - -2) - (-3 - -2.5) = 1.5; beta 0.1: -log sigmoid(0.15) = log(1 + e^-0.15) = 0.620957
+    chosen, rejected = torch.tensor([-1.0]), torch.tensor([-3.0])
+    ref_c, ref_r = torch.tensor([-2.0]), torch.tensor([-2.5])
+    loss, stats = dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.1)
+    assert loss.item() == pytest.approx(0.620957, abs=1e-6)
+    assert stats["reward_chosen"].item() == pytest.approx(0.1) and stats[
+        "reward_rejected"
+    ].item() == pytest.approx(-0.05)
+    assert stats["accuracy"].item() == 1.0 and stats["margin"].item() == pytest.approx(0.15)
+    # cDPO, e = 0.2: 0.8 * 0.620957 + 0.2 * -log sigmoid(-0.15) (= 0.770957) = 0.650957
+    smooth, _ = dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.1, label_smoothing=0.2)
+    assert smooth.item() == pytest.approx(0.650957, abs=1e-6)
+    # IPO: (1.5 - 1 / 0.2)^2 = 12.25
+    ipo, _ = dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.1, kind="ipo")
+    assert ipo.item() == pytest.approx(12.25, abs=1e-5)
+
+
+def test_dpo_gradient_raises_the_chosen_and_lowers_the_rejected():
+    chosen, rejected = torch.tensor([-2.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    loss, _ = dpo_loss(chosen, rejected, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    loss.backward()
+    # d/dh -log sigmoid(beta h) at h = 0 is -beta / 2 = -0.25
+    assert chosen.grad.item() == pytest.approx(-0.25) and rejected.grad.item() == pytest.approx(0.25)
+
+
+def test_distinct_n_and_identical_share_hand_values():
+    responses = [[1, 2, 3], [1, 2, 3], [4, 5]]
+    assert distinct_n(responses, 1) == pytest.approx(5 / 8)  # unigrams 1 2 3 4 5 of 8
+    assert distinct_n(responses, 2) == pytest.approx(3 / 5)  # (1,2) (2,3) (4,5) of 5
+    assert identical_share(responses) == pytest.approx(1 / 3)
+    assert identical_share([[7]] * 4) == pytest.approx(3 / 4) and distinct_n([], 2) == 0.0

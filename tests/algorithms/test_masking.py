@@ -6,7 +6,14 @@ import math
 
 import torch
 
-from chatforge.algorithms import masked_mean, masked_sum, masked_var, masked_whiten, response_mask_from_tokens
+from chatforge.algorithms import (
+    last_one_index,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    position_ids_from_mask,
+)
 
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])  # kept values: 1, 2, 4
@@ -50,30 +57,11 @@ def test_whitening_gives_mean_0_var_1_on_the_mask():
     assert (white[mask == 0] == 0).all()
 
 
-def test_response_mask_eos_cases():
-    eos, pad = 2, 0
-    tokens = torch.tensor(
-        [
-            [5, 2, 0, 0],  # ends in EOS, then padding
-            [5, 6, 7, 8],  # no EOS: hit max length
-            [2, 0, 0, 0],  # EOS at position 0
-            [5, 6, 7, 2],  # EOS on the last position
-            [5, 6, 0, 0],  # stopped by a stop string: no EOS, pad after
-            [5, 2, 6, 2],  # tokens after the first EOS are not the response
-        ]
-    )
-    assert response_mask_from_tokens(tokens, eos, pad).tolist() == [
-        [1, 1, 0, 0],
-        [1, 1, 1, 1],
-        [1, 0, 0, 0],
-        [1, 1, 1, 1],
-        [1, 1, 0, 0],
-        [1, 1, 0, 0],
-    ]
+def test_position_ids_count_only_real_tokens():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 1, 2, 3, 4]]
 
 
-def test_response_mask_when_pad_is_eos_and_several_eos():
-    tokens = torch.tensor([[5, 0, 0, 0], [0, 0, 0, 0]])
-    assert response_mask_from_tokens(tokens, eos_id=0, pad_id=0).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
-    tokens = torch.tensor([[5, 3, 2, 0], [5, 6, 2, 0]])
-    assert response_mask_from_tokens(tokens, eos_id=[2, 3], pad_id=0).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+def test_last_one_index_for_left_right_no_padding_and_empty_rows():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    assert last_one_index(mask).tolist() == [4, 2, 4, 1, -1]

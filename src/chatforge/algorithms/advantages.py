@@ -1,17 +1,18 @@
-"""Per-token rewards with a KL penalty, and generalised advantage estimation. B = batch, A = response length."""
+"""Per-token rewards with a KL penalty, and the advantage estimators: GAE (PPO) and the critic-free ones
+(GRPO, Dr. GRPO, RLOO, REINFORCE++). B = batch of responses, A = response length, G = responses per prompt.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .kl import KLKind, kl_penalty
+from .masking import last_one_index, masked_whiten
 
-
-def last_token_index(response_mask: Tensor) -> Tensor:
-    """`(B,)` index of the last 1 in each row of response_mask `(B, A)` (0 for an empty row)."""
-    positions = torch.arange(response_mask.shape[1], device=response_mask.device)
-    return (response_mask.long() * positions).argmax(dim=1)
+GroupEstimator = Literal["grpo", "dr_grpo", "rloo"]
 
 
 def compute_token_rewards(
@@ -37,7 +38,8 @@ def compute_token_rewards(
     # An empty row gets no score rather than one at position 0.
     has_tokens = mask.sum(dim=1) > 0
     score_at_end = torch.where(has_tokens, scores.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
-    rewards = rewards.scatter_add(1, last_token_index(response_mask)[:, None], score_at_end[:, None])
+    last = last_one_index(response_mask).clamp(min=0)
+    rewards = rewards.scatter_add(1, last[:, None], score_at_end[:, None])
     return rewards, kl
 
 
@@ -64,3 +66,39 @@ def compute_gae(
         next_value = values[:, t]
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, estimator: GroupEstimator, eps: float = 1e-6
+) -> Tensor:
+    """Response-level advantages from the other responses to the same prompt; rewards `(B,)` -> `(B,)`.
+
+    Rows are groups of `group_size` consecutive responses to one prompt (B = prompts x G).
+      grpo:    (r_i - mean_g r) / (std_g r + eps)      (Shao et al. 2024, DeepSeekMath, outcome supervision)
+      dr_grpo: r_i - mean_g r                          (Liu et al. 2025, "Understanding R1-Zero-like training")
+      rloo:    r_i - mean_{j != i} r_j = G / (G - 1) (r_i - mean_g r)   (Ahmadian et al. 2024)
+    std is the sample std (n - 1). A group whose rewards are all equal, or of one response, gets 0: it says
+    nothing about which response was better.
+    """
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
+    groups = rewards.float().reshape(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if group_size == 1:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    if estimator == "grpo":
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    elif estimator == "rloo":
+        centred = centred * group_size / (group_size - 1)
+    elif estimator != "dr_grpo":
+        raise ValueError(f"unknown group estimator {estimator!r}")
+    return centred.reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: Tensor, response_mask: Tensor) -> Tensor:
+    """REINFORCE++ (Hu 2025): returns G_t = sum_{s >= t} r_s of the per-token rewards (score at the last
+    token, -beta KL_t everywhere), whitened over every token of the batch. `(B, A)` -> `(B, A)`, 0 where
+    masked."""
+    mask = response_mask.to(rewards.dtype)
+    returns = (rewards * mask).flip(1).cumsum(1).flip(1) * mask
+    return masked_whiten(returns, response_mask)

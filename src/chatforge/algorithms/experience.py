@@ -1,9 +1,9 @@
-"""The rollout batch PPO trains on, grouped by RL meaning. B = batch, P = prompt length, A = response length."""
+"""The rollout batch step 3 trains on, grouped by RL meaning. B = responses, P = prompt length, A = response length."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -17,15 +17,18 @@ class Experience:
     response_mask: Tensor  # (B, A) 1 on response tokens up to and including the stop token
     prompt_len: int  # P: the response of every row starts at this column
     # --- what the models said about the actions
-    logprobs: Tensor  # (B, A) log pi_old(a|s), training-mode forward of the actor (the PPO "old" policy)
-    gen_logprobs: Tensor | None = None  # (B, A) log-probs from the sampler, for the train/inference mismatch
+    logprobs: Tensor  # (B, A) log pi_old(a|s): the policy that sampled, recomputed by the training forward
     ref_logprobs: Tensor  # (B, A) log pi_ref(a|s) of the frozen SFT model
-    values: Tensor  # (B, A) V(s_t) of the critic
-    scores: Tensor  # (B,) reward-model score of each full sequence
-    # --- what PPO derived from them
-    rewards: Tensor  # (B, A) -beta * KL per token + score at the last token
-    advantages: Tensor  # (B, A) GAE advantages (whitened or not, as the trainer chooses)
-    returns: Tensor  # (B, A) advantages + values: the critic's regression target
+    values: Tensor | None = None  # (B, A) V(s_t) of the critic (PPO only)
+    scores: Tensor  # (B,) the reward of each whole response
+    # --- what the estimator derived from them
+    rewards: (
+        Tensor  # (B, A) per-token rewards: the score at the last token (-beta KL_t when the KL is a reward)
+    )
+    advantages: Tensor  # (B, A)
+    returns: Tensor | None = None  # (B, A) the critic's regression target (PPO only)
+    # --- this batch's statistics (rank-local means: reward, kl, lengths, sampler mismatch, ...)
+    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def size(self) -> int:

@@ -1,4 +1,4 @@
-"""Masked reductions over response tokens, and the response mask itself.
+"""Masked reductions over response tokens, and the index arithmetic of padding masks.
 
 Masks are 0/1 (bool, int or float) and broadcast against x. B = batch, A = response length.
 """
@@ -51,17 +51,12 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
 
 
-def response_mask_from_tokens(response_tokens: Tensor, eos_id: int | list[int], pad_id: int) -> Tensor:
-    """`(B, A)` long mask: 1 up to AND including the first EOS, 0 after it.
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """(B, T) positions counting only real tokens, so a left-padded row sees the positions it would alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    response_tokens: `(B, A)`. A row without EOS is 1 until its first pad (a stop string or max length
-    ended it). When pad_id is also an EOS id (GPT-2 style), the first pad counts as the EOS.
-    """
-    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else eos_id, device=response_tokens.device)
-    is_eos = torch.isin(response_tokens, eos)
-    after_eos = torch.zeros_like(is_eos)
-    after_eos[:, 1:] = is_eos[:, :-1]
-    stop = after_eos | ((response_tokens == pad_id) & ~is_eos)
-    # Once a row has stopped it stays stopped: a running max turns the first stop into a step function.
-    stopped = stop.long().cummax(dim=1).values
-    return 1 - stopped
+
+def last_one_index(mask: Tensor) -> Tensor:
+    """(B,) index of the last 1 in each row of mask `(B, T)` (left, right or no padding); -1 for an empty row."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, -1).max(dim=-1).values
