@@ -53,16 +53,17 @@ def prompts(batch: int, vocab: int, pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def bench_generation(model_dir: Path, args) -> None:
-    from chatforge.config import EngineConfig, GenerationConfig, ModelConfig, OptimConfig
-    from chatforge.engine import TrainEngine
+    from chatforge.config.schema import GenerationConfig
+    from chatforge.engine import ModelSpec, TrainEngine
     from chatforge.engine.hybrid import inference_mode
     from chatforge.generation import generate
-    from chatforge.models.loading import load_causal_lm
+    from chatforge.models.loading import LoadOptions, load_causal_lm
 
     actor = TrainEngine(
-        lambda d: load_causal_lm(ModelConfig(str(model_dir)), d), EngineConfig(), OptimConfig()
+        lambda d: load_causal_lm(str(model_dir), LoadOptions(), d),
+        ModelSpec(str(model_dir), precision="fp32", learning_rate=1e-5),
     )
-    hf = load_causal_lm(ModelConfig(str(model_dir)), torch.float32).eval()
+    hf = load_causal_lm(str(model_dir), LoadOptions(), torch.float32).eval()
     vocab, pad = hf.config.vocab_size, hf.config.pad_token_id
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True)
     print(f"{'batch':>5} {'inference mode tok/s':>21} {'HF generate tok/s':>18} {'ratio':>6}")
@@ -89,18 +90,18 @@ def bench_ppo_iteration(root: Path, fixtures: dict, args) -> None:
     from chatforge.config import PPOConfig, from_dict
     from chatforge.data import PromptCollator, load_step_data
     from chatforge.fixtures import task_rows
-    from chatforge.trainers.ppo import PPOTrainer
-    from chatforge.trainers.rlhf_engine import RLHFEngine
+    from chatforge.trainers.ppo import PPOTrainer, RLHFEngine
 
     data = root / "task.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in task_rows(400)))
     cfg = from_dict(PPOConfig, {
         "actor": {"name_or_path": str(fixtures["llama"])},
-        "reward": {"name_or_path": str(fixtures["reward-llama"])},
-        "data": {"datasets": [str(data)], "data_split": [0, 0, 1], "cache_dir": str(root / "cache")},
-        "generation": {"max_new_tokens": args.new_tokens},
-        "ppo": {"num_minibatches": 2, "ppo_epochs": 1},
-        "train": {"output_dir": str(root / "ppo"), "rollout_batch_size": args.rollout_batch},
+        "reward": {"models": [str(fixtures["reward-llama"])]},
+        "engine": {"precision": "fp32"},
+        "data": {"datasets": [str(data)], "data_split": [0, 0, 1]},
+        "rollout": {"max_new_tokens": args.new_tokens, "batch_size": args.rollout_batch},
+        "algorithm": {"num_minibatches": 2, "epochs": 1},
+        "train": {"output_dir": str(root / "ppo"), "report_to": ["none"]},
     })  # fmt: skip
     trainer = PPOTrainer(RLHFEngine(cfg), cfg)
     rows = load_step_data(cfg.data, trainer.tokenizer, "ppo").train

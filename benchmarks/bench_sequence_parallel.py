@@ -81,12 +81,13 @@ def worker(args) -> None:
     """Runs under torchrun with `--sp` processes; appends one JSON line per sequence length."""
     import torch
 
-    from chatforge.config import EngineConfig, OptimConfig
-    from chatforge.engine import TrainEngine
+    from chatforge.engine import ModelSpec, TrainEngine
 
     torch.set_num_threads(args.threads)
-    cfg = EngineConfig(zero_stage=0, precision="fp32", sequence_parallel_size=args.sp, gradient_clipping=0.0)
-    engine = TrainEngine(lambda _dtype: _build_model(args), cfg, OptimConfig(lr_scheduler="constant"))
+    spec = ModelSpec(
+        "bench", precision="fp32", sequence_parallel_size=args.sp, gradient_clipping=0.0, learning_rate=1e-5
+    )
+    engine = TrainEngine(lambda _dtype: _build_model(args), spec)
     # A tiny step first, so gradients and Adam's moments (created lazily) are part of the base.
     _train_step(engine, torch.zeros(1, 8, dtype=torch.long))
     base = _max_over_ranks(_rss_mb())

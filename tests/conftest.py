@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ os.environ.setdefault(
 )
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tokenised data of the test session (the CLI processes the tests start inherit it).
+os.environ.setdefault("CHATFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="chatforge-test-cache-"))
 
 
 @pytest.fixture(scope="session")

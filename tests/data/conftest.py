@@ -1,4 +1,4 @@
-"""Writers for small fixture files in every supported container, and a DataConfig factory."""
+"""Writers for small fixture files in every supported container, and a data-settings factory."""
 
 from __future__ import annotations
 
@@ -37,10 +37,11 @@ def numbered_rows(n: int, tag: str = "q") -> list[dict]:
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    from chatforge.config.schema import DataConfig
+    """DataSettings (what the data layer reads from any step's data config) with a per-test cache."""
+    from chatforge.data.pipeline import DataSettings
 
-    def make(datasets: list[str], **kw) -> DataConfig:
+    def make(datasets: list[str], **kw) -> DataSettings:
         kw.setdefault("cache_dir", str(tmp_path / "cache"))
-        return DataConfig(datasets=datasets, **kw)
+        return DataSettings.of(None, datasets=datasets, **kw)
 
     return make

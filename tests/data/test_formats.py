@@ -69,7 +69,15 @@ def test_format_adapters(case, tmp_path, make_cfg):
     path = write_rows(tmp_path / name, [row, row])
     unified, fmt = load_unified(path, make_cfg([path]))
     assert fmt == EXPECTED_FORMAT.get(case, case.split("-")[0])
-    full = {"prompt": [], "completion": [], "chosen": [], "rejected": [], "text": "", **expected}
+    full = {
+        "prompt": [],
+        "completion": [],
+        "chosen": [],
+        "rejected": [],
+        "text": "",
+        "extra": "{}",
+        **expected,
+    }
     assert unified[1] == {**full, "row": 2}
 
 
@@ -91,3 +99,30 @@ def test_transcript_with_system_turn_and_multi_turn_prompt(tmp_path, make_cfg):
     unified, fmt = load_unified(path, make_cfg([path]))
     assert fmt == "dschat"
     assert unified[0]["prompt"] == [S("Be brief."), U("Hi"), A("Hello"), U("1 + 1?")]
+
+
+def test_other_scalar_columns_travel_as_extra(tmp_path, make_cfg):
+    """Columns no format reads (a reference answer, an id) reach reward functions through `extra`."""
+    import json
+
+    rows = [{"prompt": "2 + 2?", "answer": "4", "id": 7, "tags": ["a"]}]
+    path = write_rows(tmp_path / "qa.jsonl", rows)
+    unified, _ = load_unified(path, make_cfg([path]))
+    assert json.loads(unified[0]["extra"]) == {"answer": "4", "id": 7}  # lists are not scalars
+
+
+def test_a_row_of_another_format_in_the_same_file_is_named(tmp_path, make_cfg):
+    from chatforge.data import DataError
+
+    rows = [
+        {"prompt": "\n\nHuman: hi\n\nAssistant:", "response": "yo", "messages": None},
+        {"prompt": "\n\nHuman: 1+1?\n\nAssistant:", "response": "2", "messages": None},
+        {"prompt": None, "response": None, "messages": [U("hi"), A("yo")]},
+    ]
+    path = write_rows(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(
+        DataError, match=r"mixed.jsonl, row 3: this row looks like format 'conversational'.*'dschat'"
+    ):
+        load_unified(path, make_cfg([path]))
+    # Forcing a format on the spec means the user chose: no per-row detection.
+    load_unified(f"{path}:format=dschat", make_cfg([path]))

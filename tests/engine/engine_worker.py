@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from chatforge.config import EngineConfig, LoRAConfig, ModelConfig, OptimConfig
-from chatforge.engine import TrainEngine, init_distributed
-from chatforge.models.loading import load_causal_lm
+from chatforge.engine import ModelSpec, TrainEngine, init_distributed
+from chatforge.models.loading import LoadOptions, load_causal_lm
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 12, 3
 
@@ -21,15 +20,15 @@ def fixed_batch(vocab: int) -> torch.Tensor:
     return torch.randint(10, vocab, (GLOBAL_BATCH, SEQ), generator=g)
 
 
-def make_engine(model_dir: str, cfg: EngineConfig, world: int, accumulation: int = 1) -> TrainEngine:
+def make_engine(model_dir: str, world: int, accumulation: int = 1, **spec) -> TrainEngine:
     def factory(dtype):
-        return load_causal_lm(ModelConfig(model_dir), dtype)
+        return load_causal_lm(model_dir, LoadOptions(), dtype)
 
     micro = GLOBAL_BATCH // world // accumulation
+    spec = ModelSpec(model_dir, precision="fp32", learning_rate=1e-3, **spec)
     return TrainEngine(
-        factory, cfg, OptimConfig(learning_rate=1e-3, lr_scheduler="constant"),
-        micro_batch_size=micro, gradient_accumulation_steps=accumulation, total_steps=STEPS,
-    )  # fmt: skip
+        factory, spec, micro_batch_size=micro, gradient_accumulation_steps=accumulation, total_steps=STEPS
+    )
 
 
 def train_steps(engine: TrainEngine, batch: torch.Tensor, steps: int, accumulation: int = 1) -> list[float]:
@@ -55,8 +54,7 @@ def cmd_losses(args) -> None:
     results = {}
     for spec in args.configs.split(","):
         stage, _, extra = spec.partition("+")
-        cfg = EngineConfig(zero_stage=int(stage), offload_optimizer=extra == "offload")
-        engine = make_engine(args.model, cfg, info.world_size)
+        engine = make_engine(args.model, info.world_size, zero_stage=int(stage), offload=extra == "offload")
         results[spec] = train_steps(engine, fixed_batch(engine.module.config.vocab_size), STEPS)
         if args.save_dir:
             engine.save_hf(Path(args.save_dir) / spec)
@@ -67,13 +65,13 @@ def cmd_losses(args) -> None:
 def cmd_resume(args) -> None:
     """Train 2 steps, checkpoint, train 1 more; then a fresh engine loads the checkpoint and trains 1."""
     info = init_distributed()
-    cfg = EngineConfig(zero_stage=args.stage, lora=LoRAConfig(r=args.lora))
-    engine = make_engine(args.model, cfg, info.world_size)
+    cfg = {"zero_stage": args.stage, "lora_r": args.lora}
+    engine = make_engine(args.model, info.world_size, **cfg)
     batch = fixed_batch(engine.module.config.vocab_size)
     train_steps(engine, batch, 2)
     engine.save_checkpoint(args.ckpt, tag="step2", client_state={"step": 2})
     expected = train_steps(engine, batch, 1)
-    fresh = make_engine(args.model, cfg, info.world_size)
+    fresh = make_engine(args.model, info.world_size, **cfg)
     state = fresh.load_checkpoint(args.ckpt)
     resumed = train_steps(fresh, batch, 1)
     if info.is_main:
@@ -88,15 +86,12 @@ def cmd_lora(args) -> None:
     from transformers import AutoModelForCausalLM
 
     info = init_distributed()
-    engine = make_engine(
-        args.model, EngineConfig(zero_stage=args.stage, lora=LoRAConfig(r=4)), info.world_size
-    )
+    engine = make_engine(args.model, info.world_size, zero_stage=args.stage, lora_r=4)
     batch = fixed_batch(engine.module.config.vocab_size)
     train_steps(engine, batch, 2)
     out = Path(args.save_dir)
-    engine.save_hf(out / "merged", lora_save="merged")
-    engine.save_hf(out / "adapter", lora_save="adapter")
-    engine.eval()
+    engine.save_hf(out / "merged")
+    engine.save_hf(out / "adapter", adapter=True)
     with engine.gathered() as model, torch.no_grad():
         trained = model(input_ids=batch).logits
     if info.is_main:

@@ -12,17 +12,15 @@ import json
 from pathlib import Path
 
 import torch
+from collectives import count_collectives  # beside this script (run by path)
 
-from chatforge.config import EngineConfig, GenerationConfig, LoRAConfig, ModelConfig, OptimConfig
-from chatforge.engine import TrainEngine, init_distributed
-from chatforge.engine.hybrid import count_collectives, inference_mode
+from chatforge.config.schema import GenerationConfig
+from chatforge.engine import ModelSpec, TrainEngine, init_distributed
+from chatforge.engine.hybrid import inference_mode
 from chatforge.generation import generate
-from chatforge.models.loading import load_causal_lm
+from chatforge.models.loading import LoadOptions, load_causal_lm
 
 BATCH, PROMPT = 4, 6
-# Adam turns sign noise of near-zero gradients (summation order differs across ranks) into full
-# lr-sized steps; a large eps keeps those steps tiny so 1 and 2 processes train to the same weights.
-OPTIM = OptimConfig(learning_rate=1e-2, eps=1e-3, lr_scheduler="constant")
 
 
 def prompts(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +46,29 @@ def local_weights(engine: TrainEngine) -> dict[str, torch.Tensor]:
     return out
 
 
+def training_mode_of_next_forward(engine: TrainEngine, ids: torch.Tensor) -> bool:
+    """The mode a graph-building forward runs in after a rollout (the engine sets it per forward)."""
+    seen = []
+    handle = engine.module.register_forward_pre_hook(lambda module, _args: seen.append(module.training))
+    try:
+        engine(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def count_gathers(engine: TrainEngine) -> list[int]:
+    """Count the engine's one-shot gathers (`engine.gathered()` calls) in a one-item list."""
+    calls, original = [0], engine.gathered
+
+    def counted():
+        calls[0] += 1
+        return original()
+
+    engine.gathered = counted
+    return calls
+
+
 def train_one_step(engine: TrainEngine, ids: torch.Tensor) -> None:
     """So that LoRA's B matrices are non-zero and a merge really changes the weights."""
     loss = engine(input_ids=ids, labels=ids).loss
@@ -71,8 +92,8 @@ def rollout(engine: TrainEngine, ids, mask, eos: int, new_tokens: int) -> tuple[
 
 def reference_tokens(engine: TrainEngine, out_dir: Path, ids, mask, eos: int, lengths: list[int]) -> list:
     """The same sampling with the exported (gathered, LoRA-merged) model as a plain HF model, no DeepSpeed."""
-    engine.save_hf(out_dir, lora_save="merged")
-    plain = load_causal_lm(ModelConfig(str(out_dir)), torch.float32)
+    engine.save_hf(out_dir)
+    plain = load_causal_lm(str(out_dir), LoadOptions(), torch.float32)
     with torch.no_grad():
         return [sample(plain, ids, mask, eos, n) for n in lengths]
 
@@ -81,26 +102,29 @@ def unbypassed_counts(engine: TrainEngine, ids, mask, eos: int) -> list[int]:
     """Negative control: generating inside a plain gather, with DeepSpeed's hooks left on, issues
     collectives during generation that grow with the number of tokens (every rank runs equal lengths)."""
     counts = []
-    for new_tokens in (2, 6):
+    for new_tokens in (2, 6, 12):  # the first call also pays one-time broadcasts: compare the last two
         cfg = GenerationConfig(max_new_tokens=new_tokens)
-        engine.eval()
+        # Each call starts from a fresh ZeRO-3 module trace (as after a training phase), so only the
+        # number of tokens differs between the two.
+        engine._set_mode(True)
+        engine._set_mode(False)
         with torch.no_grad(), engine.gathered() as model, count_collectives() as inside:
             generate(model, ids, mask, cfg, eos_token_id=eos, pad_token_id=0,
                      generator=torch.Generator().manual_seed(7))  # fmt: skip
-        engine.train()
         counts.append(sum(inside.values()))
-    return counts
+    return counts[1:]
 
 
 def run_config(model_dir: str, spec: str, info, no_persistence: str, out: str) -> dict:
     stage, _, lora = spec.partition("+lora")
-    cfg = EngineConfig(
-        zero_stage=int(stage), lora=LoRAConfig(r=int(lora or 0)), deepspeed_config=no_persistence
-    )
-    engine = TrainEngine(
-        lambda dtype: load_causal_lm(ModelConfig(model_dir), dtype),
-        cfg, OPTIM, micro_batch_size=BATCH,
+    model_spec = ModelSpec(
+        model_dir, zero_stage=int(stage), lora_r=int(lora or 0), deepspeed_config=no_persistence,
+        precision="fp32", learning_rate=1e-2,
     )  # fmt: skip
+    engine = TrainEngine(
+        lambda dtype: load_causal_lm(model_dir, LoadOptions(), dtype), model_spec, micro_batch_size=BATCH
+    )
+    gathers = count_gathers(engine)
     ids, mask = prompts(engine.module.config.vocab_size)
     train_one_step(engine, ids)
     # A token id that never ends a row early, so every rank runs the full max_new_tokens.
@@ -109,14 +133,14 @@ def run_config(model_dir: str, spec: str, info, no_persistence: str, out: str) -
         engine(input_ids=ids, attention_mask=mask)  # a training-mode forward, as a positive control
     rollout(engine, ids, mask, eos, 2)  # warm-up: later rollouts start from the same ZeRO-3 state
     before = local_weights(engine)
-    gathers_before = engine.gather_count
+    gathers_before = gathers[0]
     short_tokens, short = rollout(engine, ids, mask, eos, 4)
     # Ranks generate different lengths: legal only because nothing inside the rollout is collective.
     long_new = 12 + 4 * info.rank
     long_tokens, long = rollout(engine, ids, mask, eos, long_new)
     after = local_weights(engine)
-    gathers_after = engine.gather_count
-    unbypassed = unbypassed_counts(engine, ids, mask, eos) if cfg.zero_stage == 3 else None
+    gathers_after = gathers[0]
+    unbypassed = unbypassed_counts(engine, ids, mask, eos) if model_spec.zero_stage == 3 else None
     ref_short, ref_long = reference_tokens(engine, Path(f"{out}-{spec}"), ids, mask, eos, [4, long_new])
     identical = all(torch.equal(before[k], after[k]) for k in before)
     return {
@@ -130,7 +154,7 @@ def run_config(model_dir: str, spec: str, info, no_persistence: str, out: str) -
         "collectives_long": long,
         "gathers_per_rollout": (gathers_after - gathers_before) / 2,
         "weights_identical": identical,
-        "training_after": engine.module.training,
+        "training_after": training_mode_of_next_forward(engine, ids),
     }
 
 

@@ -15,20 +15,21 @@ from pathlib import Path
 import torch
 from deepspeed.utils import safe_get_full_grad
 
-from chatforge.algorithms import logprobs_from_logits, pairwise_loss, sft_loss
-from chatforge.config import EngineConfig, LoRAConfig, ModelConfig, OptimConfig
-from chatforge.engine import TrainEngine, init_distributed
+from chatforge.algorithms import pairwise_loss, policy_loss, position_ids_from_mask, sft_loss, token_logprobs
+from chatforge.engine import ModelSpec, TrainEngine, init_distributed
+from chatforge.engine.forward import sequence_scores, token_values
 from chatforge.engine.sequence_parallel import (
     gather_sequence,
     shard_batch,
     sharded_sft_loss,
     sp_all_reduce,
     sp_model_inputs,
-    sp_sequence_scores,
 )
-from chatforge.models.loading import load_causal_lm, load_scorer
+from chatforge.models.loading import LoadOptions, load_causal_lm, load_scorer
 from chatforge.models.lora import apply_lora
-from chatforge.models.value import position_ids_from_mask, sequence_scores
+
+SDPA = LoadOptions(attn_implementation="sdpa")
+PROMPT = 5  # the rl case: left-padded prompts of this width, then the response
 
 SEQ = 13  # odd on purpose: shard_batch pads it to 14
 
@@ -48,25 +49,31 @@ def fixed_batch(vocab: int, padding: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _load(model_dir: str, scorer: bool, dtype):
+    return (
+        load_scorer(model_dir, SDPA, dtype, 0, heads=1)
+        if scorer
+        else load_causal_lm(model_dir, SDPA, dtype, 0)
+    )
+
+
 def make_engine(model_dir: str, spec: dict, scorer: bool) -> TrainEngine:
-    cfg = EngineConfig(
-        zero_stage=spec["stage"], precision="fp32", gradient_clipping=0.0, sequence_parallel_size=2,
-        lora=LoRAConfig(r=spec.get("lora", 0)),
+    model_spec = ModelSpec(
+        model_dir, zero_stage=spec["stage"], precision="fp32", gradient_clipping=0.0, sequence_parallel_size=2,
+        lora_r=spec.get("lora", 0), learning_rate=1e-3,
     )  # fmt: skip
-    loader = load_scorer if scorer else load_causal_lm
     return TrainEngine(
-        lambda dtype: loader(ModelConfig(model_dir, attn_implementation="sdpa"), dtype, 0),
-        cfg, OptimConfig(learning_rate=1e-3, lr_scheduler="constant"),
+        lambda dtype: _load(model_dir, scorer, dtype),
+        model_spec,
         trainable_heads=("score",) if scorer else (),
-    )  # fmt: skip
+    )
 
 
 def reference_model(model_dir: str, state: dict, spec: dict, scorer: bool) -> torch.nn.Module:
     """A plain, single-process model with the engine's weights (LoRA adapters and fresh heads included)."""
-    loader = load_scorer if scorer else load_causal_lm
-    model = loader(ModelConfig(model_dir, attn_implementation="sdpa"), torch.float32, 0)
+    model = _load(model_dir, scorer, torch.float32)
     if spec.get("lora"):
-        model = apply_lora(model, LoRAConfig(r=spec["lora"]), ("score",) if scorer else ())
+        model = apply_lora(model, spec["lora"], 2.0 * spec["lora"], ("score",) if scorer else ())
     model.load_state_dict(state)
     return model
 
@@ -88,7 +95,7 @@ def lm_step(engine: TrainEngine, batch: dict) -> dict:
     loss_sum, count = sharded_sft_loss(logits, local["shift_labels"])
     n_tokens = sp_all_reduce(count.float(), engine.sp)
     engine.backward(loss_sum * engine.sp.dp_world_size / n_tokens)
-    logprobs = gather_sequence(logprobs_from_logits(logits, local["shift_input_ids"]), engine.sp, SEQ)
+    logprobs = gather_sequence(token_logprobs(logits, local["shift_input_ids"])[0], engine.sp, SEQ)
     return {
         "logits": gather_sequence(logits.detach(), engine.sp, SEQ),
         "loss": (sp_all_reduce(loss_sum, engine.sp) / n_tokens).item(),
@@ -104,29 +111,89 @@ def lm_reference(model: torch.nn.Module, batch: dict) -> dict:
     return {
         "logits": logits.detach(),
         "loss": (loss_sum / count).item(),
-        "logprobs": logprobs_from_logits(logits[:, :-1], ids[:, 1:]).detach(),
+        "logprobs": token_logprobs(logits[:, :-1], ids[:, 1:])[0].detach(),
     }
 
 
 def reward_step(engine: TrainEngine, batch: dict) -> dict:
-    local = shard_batch(batch, engine.sp)
-    scores = sp_sequence_scores(engine.module, local, engine.sp, forward=engine)
+    """The engine's `scores` verb shards the batch itself under SP."""
+    scores = engine.scores(batch["input_ids"], batch["attention_mask"])[:, 0]
     loss, _ = pairwise_loss(*scores.chunk(2))
     engine.backward(loss)
     return {"scores": scores.detach(), "loss": loss.item()}
 
 
 def reward_reference(model: torch.nn.Module, batch: dict) -> dict:
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])[:, 0]
     loss, _ = pairwise_loss(*scores.chunk(2))
     loss.backward()
     return {"scores": scores.detach(), "loss": loss.item()}
 
 
-def max_diffs(ours: dict, want: dict, mask: torch.Tensor) -> dict[str, float]:
+def rl_step(engine: TrainEngine, batch: dict) -> dict:
+    """Step 3's verbs under SP on left-padded rollouts: response log-probs at T = 0.8 with entropy, and
+    one policy-gradient backward (what an actor mini-batch runs)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logp, entropy = engine.logprobs(ids, mask, PROMPT, 0.8, with_entropy=True)
+    loss = _rl_loss(logp, mask)
+    engine.backward(loss)
+    return {"logprobs": logp.detach(), "entropy": entropy, "loss": loss.item()}
+
+
+def rl_reference(model: torch.nn.Module, batch: dict) -> dict:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logp, entropy = token_logprobs(logits[:, PROMPT - 1 : -1], ids[:, PROMPT:], 0.8, with_entropy=True)
+    loss = _rl_loss(logp, mask)
+    loss.backward()
+    return {"logprobs": logp.detach(), "entropy": entropy, "loss": loss.item()}
+
+
+def _rl_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    advantages = torch.linspace(-1, 1, logp.numel()).reshape(logp.shape)
+    return policy_loss(logp, logp.detach() - 0.1, advantages, _real_response(mask), 0.2)[0]
+
+
+def _real_response(mask: torch.Tensor) -> torch.Tensor:
+    """Response positions where the token and the position predicting it are real (a rollout's prompt
+    always ends in a real token; the fixed batch may have a left pad at PROMPT - 1)."""
+    return mask[:, PROMPT:] * mask[:, PROMPT - 1 : -1]
+
+
+def value_step(engine: TrainEngine, batch: dict) -> dict:
+    values = engine.values(batch["input_ids"], batch["attention_mask"], PROMPT)
+    loss = (values * _real_response(batch["attention_mask"])).pow(2).mean()
+    engine.backward(loss)
+    return {"values": values.detach(), "loss": loss.item()}
+
+
+def value_reference(model: torch.nn.Module, batch: dict) -> dict:
+    values = token_values(model, model, batch["input_ids"], batch["attention_mask"], _NO_SP)[
+        :, PROMPT - 1 : -1, 0
+    ]
+    loss = (values * _real_response(batch["attention_mask"])).pow(2).mean()
+    loss.backward()
+    return {"values": values.detach(), "loss": loss.item()}
+
+
+from chatforge.engine.sequence_parallel import SPLayout  # noqa: E402
+
+_NO_SP = SPLayout(1, 0, 0, 1)
+STEPS = {
+    "lm": (lm_step, lm_reference),
+    "reward": (reward_step, reward_reference),
+    "rl": (rl_step, rl_reference),
+    "value": (value_step, value_reference),
+}
+
+
+def max_diffs(ours: dict, want: dict, mask: torch.Tensor, kind: str) -> dict[str, float]:
     """Largest absolute differences; logits and log-probs only where the model reads a real token
     (outputs at padding differ by design: Ulysses never builds the padding mask causal attention ignores)."""
+    response = _real_response(mask).bool()
     real = {"logits": mask.bool(), "logprobs": (mask[:, 1:] * mask[:, :-1]).bool()}
+    if kind in ("rl", "value"):
+        real = {"logprobs": response, "entropy": response, "values": response}
     out = {}
     for key, value in want.items():
         if key in real:
@@ -139,22 +206,22 @@ def max_diffs(ours: dict, want: dict, mask: torch.Tensor) -> dict[str, float]:
 
 
 def run_case(model_dir: str, spec: dict, padding: str, is_main: bool) -> dict | None:
-    scorer = spec["kind"] == "reward"
+    scorer = spec["kind"] in ("reward", "value")
     engine = make_engine(model_dir, spec, scorer)
     with engine.gathered() as full:  # collective under ZeRO-3: every rank takes part
         state = {k: v.detach().clone() for k, v in full.state_dict().items()}
     ref = reference_model(model_dir, state, spec, scorer) if is_main else None
     batch = fixed_batch(engine.module.config.vocab_size, padding)
-    if scorer:
+    if spec["kind"] == "reward":
         batch = {k: torch.cat([v, v.flip(0)]) for k, v in batch.items() if k != "labels"}
-    step, reference = (reward_step, reward_reference) if scorer else (lm_step, lm_reference)
+    step, reference = STEPS[spec["kind"]]
     ours = step(engine, batch)
     grads = full_grads(engine)
     if not is_main:
         return None
     want = reference(ref, batch)
     want_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
-    diffs = max_diffs(ours, want, batch["attention_mask"])
+    diffs = max_diffs(ours, want, batch["attention_mask"], spec["kind"])
     assert grads.keys() == want_grads.keys(), (sorted(grads)[:3], sorted(want_grads)[:3])
     diffs["grad"] = max((grads[n] - want_grads[n]).abs().max().item() for n in grads)
     diffs["grad_scale"] = max(g.abs().max().item() for g in want_grads.values())
@@ -168,7 +235,7 @@ def cmd_equivalence(args) -> None:
     results = {}
     for name in args.cases.split(","):
         family, kind, stage, lora, padding = name.split("-")
-        model_dir = str(Path(args.fixtures) / (f"reward-{family}" if kind == "reward" else family))
+        model_dir = str(Path(args.fixtures) / (f"reward-{family}" if kind in ("reward", "value") else family))
         spec = {"kind": kind, "stage": int(stage[1:]), "lora": int(lora[4:])}
         results[name] = run_case(model_dir, spec, padding, info.is_main)
     if info.is_main:
@@ -177,26 +244,26 @@ def cmd_equivalence(args) -> None:
 
 def trainer_config(args, step: str, sp: int, out_dir: Path):
     """The same 4 rows per optimizer step for SP=1 (2 data-parallel ranks) and SP=2 (1 group)."""
-    from chatforge.config import DataConfig, LoopConfig, RewardConfig, SFTConfig
+    from chatforge.config import RewardConfig, SFTConfig, from_dict
 
     micro = 4 // (2 // sp)
     family = args.family if step == "sft" else f"reward-{args.family}"
-    return (SFTConfig if step == "sft" else RewardConfig)(
-        model=ModelConfig(str(Path(args.fixtures) / family), attn_implementation="sdpa"),
-        data=DataConfig(datasets=[args.data], data_split=[1.0, 1.0, 0.0], eval_fraction=0.1,
-                        cache_dir=str(out_dir / "cache"), max_prompt_length=64, max_length=96),
-        engine=EngineConfig(zero_stage=args.stage, precision="fp32", sequence_parallel_size=sp),
-        optim=OptimConfig(learning_rate=2e-3, lr_scheduler="constant"),
-        train=LoopConfig(output_dir=str(out_dir / f"{step}-sp{sp}"), max_steps=args.steps,
-                         micro_batch_size=micro, gradient_accumulation_steps=2, tensorboard=False),
-    )  # fmt: skip
+    return from_dict(SFTConfig if step == "sft" else RewardConfig, {
+        "model": {"name_or_path": str(Path(args.fixtures) / family), "zero_stage": args.stage, "learning_rate": 2e-3},
+        "data": {"datasets": [args.data], "data_split": [1.0, 1.0, 0.0], "eval_fraction": 0.1,
+                 "max_prompt_length": 64, "max_length": 96},
+        "engine": {"precision": "fp32", "sequence_parallel_size": sp, "attn_implementation": "sdpa"},
+        "optim": {"lr_scheduler": "constant"},
+        "batch": {"micro_batch_size": micro, "gradient_accumulation_steps": 2},
+        "train": {"output_dir": str(out_dir / f"{step}-sp{sp}"), "max_steps": args.steps, "report_to": ["none"]},
+    })  # fmt: skip
 
 
 def cmd_trainers(args) -> None:
     """SFTTrainer and RewardTrainer with SP=1, then SP=2 (the first SP=2 engine fixes DeepSpeed's
     process-wide layout, so SP=1 training must come first); writes each run's curves."""
-    from chatforge.trainers.common import read_metrics
     from chatforge.trainers.reward import RewardTrainer
+    from chatforge.trainers.run_dir import read_metrics
     from chatforge.trainers.sft import SFTTrainer
 
     info = init_distributed()

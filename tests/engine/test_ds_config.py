@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from chatforge.config import ConfigError, EngineConfig, OptimConfig
+from chatforge.config import ConfigError, EngineConfig, OptimConfig, TrainedModel
+from chatforge.engine import ModelSpec
 
 
 def test_zero3_offload_config_has_no_optimizer_block():
     from chatforge.engine.ds_config import build_ds_config
 
-    cfg = EngineConfig(zero_stage=3, offload_optimizer=True, offload_params=True, precision="fp32")
-    ds = build_ds_config(cfg, micro_batch_size=4, gradient_accumulation_steps=2)
+    spec = ModelSpec("m", zero_stage=3, offload=True, precision="fp32", learning_rate=1e-5)
+    ds = build_ds_config(spec, micro_batch_size=4, gradient_accumulation_steps=2)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -26,25 +27,41 @@ def test_user_json_overrides_and_rejects_optimizer(tmp_path):
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}, "train_batch_size": 99}))
-    ds = build_ds_config(EngineConfig(zero_stage=2, deepspeed_config=str(user)), 2, 1)
+    ds = build_ds_config(ModelSpec("m", zero_stage=2, deepspeed_config=str(user)), 2, 1)
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 123}
     assert "train_batch_size" not in ds
     user.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="names an optimizer"):
-        build_ds_config(EngineConfig(deepspeed_config=str(user)), 2, 1)
+        build_ds_config(ModelSpec("m", deepspeed_config=str(user)), 2, 1)
     user.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        build_ds_config(EngineConfig(deepspeed_config=str(user)), 2, 1)
+        build_ds_config(ModelSpec("m", deepspeed_config=str(user)), 2, 1)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [({"zero_stage": 4}, "zero_stage must be"), ({"offload_optimizer": True}, "needs engine.zero_stage >= 1"),
-     ({"zero_stage": 2, "offload_params": True}, "needs engine.zero_stage=3")],
-)  # fmt: skip
-def test_engine_config_validation(kwargs, message):
-    with pytest.raises(ConfigError, match=message):
-        EngineConfig(**kwargs).validate()
+def test_spec_resolves_a_role_and_the_shared_sections():
+    engine = EngineConfig(offload=True, gradient_checkpointing=True, precision="fp32")
+    trained = ModelSpec.trained(
+        TrainedModel("a", 3e-5, 2, 8), engine, OptimConfig(warmup=5, gradient_clipping=0.5)
+    )
+    assert (trained.zero_stage, trained.lora_r, trained.lora_alpha, trained.learning_rate) == (
+        2,
+        8,
+        16.0,
+        3e-5,
+    )
+    assert (
+        trained.offload
+        and trained.gradient_checkpointing
+        and trained.trainable
+        and trained.warmup_steps(100) == 5
+    )
+    frozen = ModelSpec.frozen("r", 2, engine)
+    assert not frozen.trainable and not frozen.offload  # frozen weights are offloaded only at ZeRO-3
+    assert ModelSpec.frozen("r", 3, engine).offload
+    # A frozen model has no optimizer, and DeepSpeed does no clipping for it.
+    from chatforge.engine.ds_config import build_ds_config
+
+    assert build_ds_config(frozen, 1, 1)["gradient_clipping"] == 0.0
 
 
 def test_cpu_precision_auto_is_fp32_and_fp16_refused():
@@ -58,12 +75,12 @@ def test_cpu_precision_auto_is_fp32_and_fp16_refused():
 def test_lr_schedule_warmup_then_cosine_and_linear():
     from chatforge.engine.optim import lr_lambda
 
-    cos = lr_lambda(OptimConfig(lr_scheduler="cosine", warmup_steps=2), total_steps=6)
+    cos = lr_lambda(ModelSpec("m", lr_scheduler="cosine", warmup=2), total_steps=6)
     # warmup 1/2, 2/2; then cos over 4 steps: 0.5*(1+cos(pi*k/4)) for k = 0..4
     assert [round(cos(s), 4) for s in range(7)] == [0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464, 0.0]
-    lin = lr_lambda(OptimConfig(lr_scheduler="linear", warmup_ratio=0.0, min_lr_ratio=0.1), total_steps=4)
-    assert [round(lin(s), 3) for s in range(5)] == [1.0, 0.775, 0.55, 0.325, 0.1]
-    const = lr_lambda(OptimConfig(lr_scheduler="constant", warmup_steps=1), total_steps=4)
+    lin = lr_lambda(ModelSpec("m", lr_scheduler="linear", warmup=0.5), total_steps=4)  # a fraction: 2 steps
+    assert [round(lin(s), 3) for s in range(5)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    const = lr_lambda(ModelSpec("m", lr_scheduler="constant", warmup=1), total_steps=4)
     assert [const(s) for s in range(3)] == [1.0, 1.0, 1.0]
 
 
@@ -82,14 +99,12 @@ def test_stage0_grad_norm_is_the_pre_clipping_norm(fixture_dir):
     """DeepSpeed reports no norm at ZeRO-0; the engine's own equals a by-hand norm of the same gradients."""
     import torch
 
-    from chatforge.config import ModelConfig
     from chatforge.engine import TrainEngine
-    from chatforge.models.loading import load_causal_lm
+    from chatforge.models.loading import LoadOptions, load_causal_lm
 
     engine = TrainEngine(
-        lambda dtype: load_causal_lm(ModelConfig(str(fixture_dir / "llama")), dtype),
-        EngineConfig(zero_stage=0, gradient_clipping=0.01),
-        OptimConfig(learning_rate=1e-3),
+        lambda dtype: load_causal_lm(str(fixture_dir / "llama"), LoadOptions(), dtype),
+        ModelSpec(str(fixture_dir / "llama"), precision="fp32", learning_rate=1e-3, gradient_clipping=0.01),
         micro_batch_size=2,
     )
     ids = torch.randint(10, 400, (2, 8), generator=torch.Generator().manual_seed(0))

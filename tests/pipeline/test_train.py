@@ -15,17 +15,17 @@ import pytest
 
 TINY = [
     "--deployment-type", "cpu", "--reward-model", "sft", "--data-split", "2,4,4",
-    "sft.train.max_steps=3", "sft.train.micro_batch_size=8",
-    "reward.train.max_steps=3", "reward.train.micro_batch_size=8",
-    "ppo.train.max_steps=12", "ppo.train.save_every=1", "ppo.train.rollout_batch_size=4",
-    "ppo.train.eval_prompts=4", "ppo.generation.max_new_tokens=6", "ppo.train.tensorboard=false",
+    "sft.train.max_steps=3", "sft.batch.micro_batch_size=8",
+    "reward.train.max_steps=3", "reward.batch.micro_batch_size=8",
+    "ppo.train.max_steps=12", "ppo.train.save_every=1", "ppo.rollout.batch_size=4",
+    "ppo.eval.prompts=4", "ppo.rollout.max_new_tokens=6", "ppo.train.report_to=[none]",
 ]  # fmt: skip
 
 
 def _command(model: Path, data: Path, out: Path, cache: Path) -> list[str]:
     return [
         sys.executable, "-m", "chatforge.cli", "train", "--actor-model", str(model), "--data", str(data),
-        "--output-dir", str(out), *TINY, f"data.cache_dir={cache}",
+        "--output-dir", str(out), *TINY,
     ]  # fmt: skip
 
 
@@ -65,8 +65,8 @@ def test_train_killed_in_step3_resumes_and_finishes(fixture_dir, tmp_path):
     steps_before = _ppo_train_steps(out)
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-    assert "step 1 (sft): already finished" in second.stdout
-    assert "step 2 (reward): already finished" in second.stdout
+    assert "step 1 (sft): already finished from the same inputs" in second.stdout
+    assert "step 2 (reward): already finished from the same inputs" in second.stdout
     steps_after = _ppo_train_steps(out)
     # Resumed, not restarted: iterations continue after the last checkpoint and end at max_steps.
     assert steps_after[-1] == 12 and steps_after[: len(steps_before)] == steps_before
@@ -77,4 +77,6 @@ def test_train_killed_in_step3_resumes_and_finishes(fixture_dir, tmp_path):
     for name in ("actor-sft", "actor-rlhf", "actor-rlhf-ema"):
         AutoModelForCausalLM.from_pretrained(out / name)
     AutoModelForSequenceClassification.from_pretrained(out / "reward")
+    # The reward dir keeps the actor's generation config: it says where replies end (and are scored).
+    assert (out / "reward" / "generation_config.json").is_file()
     assert (out / "report.html").is_file()

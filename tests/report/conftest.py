@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 
 # Panels each step's synthetic metrics should produce, in report order.
-SFT_PANELS = ["loss", "perplexity", "lr", "grad_norm", "tokens"]
-REWARD_PANELS = ["loss", "accuracy", "scores", "lr"]
+SFT_PANELS = ["loss", "perplexity", "lr", "grad_norm"]  # constant tokens per step: no panel
+REWARD_PANELS = ["loss", "accuracy", "scores"]  # a constant lr: no panel
 PPO_PANELS = [
     "reward",
-    "task_accuracy",
+    "gold",
     "kl",
-    "kl_coef",
+    "diversity",
     "response_length",
     "entropy",
-    "ppo_losses",
+    "policy_loss",
+    "value_loss",
     "clip_frac",
     "logprob_mismatch",
     "time_split",
@@ -99,24 +100,26 @@ def ppo_records(iters: int = 12) -> list[dict]:
                 "phase": "train",
                 "step": s,
                 "time": s * 10.0,
-                "reward_raw": s / 10,
-                "reward_norm": 0.1 * s - 0.6,
+                "reward": s / 10,
                 "kl": 0.01 * s,
-                "kl_coef": 0.1,
+                "kl_coef": 0.1,  # fixed: its panel is left out
                 "entropy": 2.0 - s / 20,
                 "response_length": 20.0 + s,
-                "clip_frac": 0.05,
-                "value_loss": 0.3,
-                "policy_loss": -0.01,
-                "logprob_mismatch": 1e-3,
+                "clip_frac": 0.05 + 0.001 * s,
+                "value_loss": 0.3 / s,
+                "policy_loss": -0.01 * s,
+                "logprob_mismatch": 1e-3 * (1 + s % 2),
                 "time_generation": 6.0,
                 "time_scoring": 1.0,
                 "time_training": 3.0,
             }
         )
-    out.append(
-        {"phase": "eval", "step": iters, "time": iters * 10.0, "reward_raw": 1.5, "task_accuracy": 0.4}
-    )
+    for step, gold in ((0, 0.5), (iters, 0.4)):
+        out.append({
+            "phase": "eval", "step": step, "time": step * 10.0, "reward_sampled": 1.5 * step / iters,
+            "gold:task:is_correct_sampled": gold, "distinct_2_sampled": 0.9 - 0.02 * step,
+            "identical_share_greedy": 0.01 * step, "kl_sampled": 0.1 * step,
+        })  # fmt: skip
     return out
 
 

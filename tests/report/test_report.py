@@ -40,9 +40,12 @@ def test_pipeline_report_has_one_svg_per_expected_panel(pipeline_dir):
 
 def test_missing_metrics_drop_their_curve_and_panel(pipeline_dir):
     ppo = sections(build_report(pipeline_dir).read_text())["ppo"]
-    losses = ppo.split('data-panel="ppo_losses"')[1].split("</svg>")[0]
-    assert ">policy<" in losses and ">value<" in losses and ">ptx<" not in losses  # ptx_loss never logged
+    losses = ppo.split('data-panel="policy_loss"')[1].split("</svg>")[0]
+    assert ">policy<" in losses and ">ptx<" not in losses  # ptx_loss never logged
     assert 'data-panel="perplexity"' not in ppo
+    assert 'data-panel="kl_coef"' not in ppo  # a fixed coefficient is a number, not a plot
+    gold = ppo.split('data-panel="gold"')[1].split("</svg>")[0]
+    assert "gold:task:is_correct_sampled" in gold and "proxy reward" in gold
 
 
 def test_torn_last_line_is_skipped(pipeline_dir):

@@ -21,10 +21,10 @@ CHATFORGE = str(Path(sys.executable).with_name("chatforge"))
 # Settings of the SFT model that initialises the reward model of the accuracy test (slow): perplexity
 # ~1.02 and ~99% greedy task accuracy; from the raw fixture the reward model stays near 60%.
 SFT_INIT = (
-    "optim.learning_rate=3e-3",
-    "optim.warmup_ratio=0.05",
-    "train.micro_batch_size=16",
-    "train.epochs=8",
+    "model.learning_rate=3e-3",
+    "optim.warmup=0.05",
+    "batch.micro_batch_size=16",
+    "batch.epochs=8",
 )
 
 
@@ -34,33 +34,34 @@ class Runs:
 
     fixture_dir: Path
     task_data: Path
-    cache: Path
 
     def args(self, step: str, out: Path, *extra: str, model: str | Path | None = None) -> list[str]:
-        """`key=value` overrides of a small run: fp32, short sequences, no tensorboard."""
-        default = self.fixture_dir / ("llama" if step == "sft" else "reward-llama")
+        """`key=value` overrides of a small run: fp32, short sequences, no tracker."""
+        default = self.fixture_dir / ("reward-llama" if step == "reward" else "llama")
+        role = "policy" if step == "dpo" else "model"
         return [
-            f"model.name_or_path={model or default}",
+            f"{role}.name_or_path={model or default}",
             f"data.datasets={self.task_data}",
-            f"data.cache_dir={self.cache}",
             "data.max_prompt_length=64",
             "data.max_length=96",
             "engine.precision=fp32",
             f"train.output_dir={out}",
-            "train.tensorboard=false",
+            "train.report_to=[none]",
             *extra,
         ]
 
     @staticmethod
     def trainer(step: str, args: list[str]):
         """The step's trainer in this process (one rank, no launcher)."""
-        from chatforge.config import RewardConfig, SFTConfig, load_config
+        from chatforge.config import DPOConfig, RewardConfig, SFTConfig, load_config
+        from chatforge.trainers.dpo import DPOTrainer
+        from chatforge.trainers.reward import RewardTrainer
+        from chatforge.trainers.sft import SFTTrainer
 
-        if step == "sft":
-            from chatforge.trainers.sft import SFTTrainer as Trainer
-        else:
-            from chatforge.trainers.reward import RewardTrainer as Trainer
-        return Trainer(load_config(SFTConfig if step == "sft" else RewardConfig, None, args))
+        config, trainer = {
+            "sft": (SFTConfig, SFTTrainer), "reward": (RewardConfig, RewardTrainer), "dpo": (DPOConfig, DPOTrainer)
+        }[step]  # fmt: skip
+        return trainer(load_config(config, None, args))
 
     def fit(self, step: str, args: list[str]):
         """Train in this process; returns (trainer, final eval)."""
@@ -77,7 +78,7 @@ class Runs:
     @staticmethod
     def train_records(run_dir: Path) -> dict[int, dict]:
         """step -> the last train record of that step (a resumed run logs its redone steps again)."""
-        from chatforge.trainers.common import read_metrics
+        from chatforge.trainers.run_dir import read_metrics
 
         return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if r["phase"] == "train"}
 
@@ -100,7 +101,7 @@ class Runs:
 
     @staticmethod
     def eval_records(run_dir: Path) -> list[dict]:
-        from chatforge.trainers.common import read_metrics
+        from chatforge.trainers.run_dir import read_metrics
 
         return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["phase"] == "eval"]
 
@@ -117,7 +118,7 @@ def task_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def runs(fixture_dir, task_data, tmp_path_factory) -> Runs:
-    return Runs(fixture_dir, task_data, tmp_path_factory.mktemp("data-cache"))
+    return Runs(fixture_dir, task_data)
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +127,16 @@ def trained_sft(runs, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("sft-trained")
     _, final = runs.fit("sft", runs.args("sft", out, *SFT_INIT))
     return out, final
+
+
+@pytest.fixture(scope="session")
+def task_files(tmp_path_factory) -> dict[str, str]:
+    from chatforge.fixtures import task_rows
+
+    root = tmp_path_factory.mktemp("ppo-data")
+    rows = task_rows(200, seed=3)
+    prompts = root / "task.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = root / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": r["prompt"] + r["response"]}) + "\n" for r in rows))
+    return {"prompts": str(prompts), "text": str(text)}

@@ -1,58 +1,48 @@
-"""PPOTrainer on untrained fixture models in one process: the invariants of the first PPO step, read from
-the trainer's own stats, and the loop's outputs (metrics, exports, EMA, PTX, resume)."""
+"""Step 3's trainer on fixture models in one process: the invariants of the first update, read from the
+trainer's own stats; every estimator (PPO, GRPO, Dr. GRPO, RLOO, REINFORCE++) with reward models, rule
+rewards or both; the loop's outputs (metrics, samples, exports, EMA, PTX); the guards (non-finite losses,
+the KL budget, the best checkpoint by a gold signal)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
 from chatforge.config import PPOConfig, from_dict
-from chatforge.trainers.common import read_metrics
+from chatforge.trainers.run_dir import read_metrics
 
 TRAIN_METRICS = (
-    "reward_raw", "reward_norm", "kl", "kl_coef", "entropy", "response_length", "clip_frac", "value_loss",
-    "policy_loss", "ptx_loss", "logprob_mismatch", "time_generation", "time_scoring", "time_training",
+    "reward", "kl", "kl_coef", "entropy", "response_length", "clip_frac", "policy_loss", "ptx_loss",
+    "logprob_mismatch", "time_generation", "time_scoring", "time_training", "ratio_first", "clip_frac_first",
 )  # fmt: skip
+TASK_CHECK = "chatforge.fixtures.task:is_correct"
 
 
-@pytest.fixture(scope="module")
-def task_files(tmp_path_factory) -> dict[str, str]:
-    from chatforge.fixtures import task_rows
-
-    root = tmp_path_factory.mktemp("ppo-data")
-    rows = task_rows(200, seed=3)
-    prompts = root / "task.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text = root / "text.jsonl"
-    text.write_text("".join(json.dumps({"text": r["prompt"] + r["response"]}) + "\n" for r in rows))
-    return {"prompts": str(prompts), "text": str(text), "cache": str(root / "cache")}
-
-
-def make_config(fixture_dir: Path, task_files: dict, out: Path, **overrides) -> PPOConfig:
+def make_config(
+    actor_dir: Path, reward_dir: Path | None, task_files: dict, out: Path, **sections
+) -> PPOConfig:
+    """A small step-3 config; `sections` replace or extend whole sections (`name={...}`)."""
     base = {
-        "actor": {"name_or_path": str(fixture_dir / "llama")},
-        "reward": {"name_or_path": str(fixture_dir / "reward-llama")},
-        "data": {"datasets": [task_files["prompts"]], "data_split": [0, 0, 1], "cache_dir": task_files["cache"]},
-        "generation": {"max_new_tokens": 8},
-        "ppo": {"num_minibatches": 2, "ppo_epochs": 2},
-        "train": {"output_dir": str(out), "max_steps": 2, "rollout_batch_size": 4, "eval_prompts": 4,
-                  "tensorboard": False},
+        "actor": {"name_or_path": str(actor_dir), "learning_rate": 1e-5},
+        "reward": {"models": [str(reward_dir)] if reward_dir else []},
+        "engine": {"precision": "fp32"},
+        "data": {"datasets": [task_files["prompts"]], "data_split": [0, 0, 1]},
+        "rollout": {"batch_size": 4, "max_new_tokens": 8},
+        "algorithm": {"num_minibatches": 2, "epochs": 2},
+        "eval": {"prompts": 4, "samples": 2},
+        "train": {"output_dir": str(out), "max_steps": 2, "eval_every": 0, "report_to": ["none"]},
     }  # fmt: skip
-    for key, value in overrides.items():
-        section, _, name = key.partition("__")
-        if name:
-            base.setdefault(section, {})[name] = value
-        else:
-            base[section] = value
+    for name, value in sections.items():
+        base[name] = {**base.get(name, {}), **value}
     return from_dict(PPOConfig, base)
 
 
 def trainer_for(cfg: PPOConfig):
-    from chatforge.trainers.ppo import PPOTrainer
-    from chatforge.trainers.rlhf_engine import RLHFEngine
+    from chatforge.trainers.ppo import PPOTrainer, RLHFEngine
 
     return PPOTrainer(RLHFEngine(cfg), cfg)
 
@@ -67,7 +57,9 @@ def prompt_batch(trainer, n: int = 4) -> dict:
 @pytest.mark.parametrize("lora", [0, 4])
 def test_first_minibatch_ratio_is_one_and_kl_is_zero(fixture_dir, task_files, tmp_path, lora):
     """Actor == reference at the start: KL is 0; old log-probs come from the training forward: ratio 1."""
-    cfg = make_config(fixture_dir, task_files, tmp_path, actor_engine__lora={"r": lora})
+    cfg = make_config(
+        fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path, actor={"lora_r": lora}
+    )
     trainer = trainer_for(cfg)
     assert trainer.engine.shares_reference == bool(lora)
     exp = trainer.generate_experience(prompt_batch(trainer))
@@ -85,7 +77,10 @@ def test_first_minibatch_ratio_is_one_and_kl_is_zero(fixture_dir, task_files, tm
 
 
 def test_rewards_at_last_token_and_masked_after_eos(fixture_dir, task_files, tmp_path):
-    cfg = make_config(fixture_dir, task_files, tmp_path, ppo__kl_coef=0.0, ppo__reward_clip=0.0)
+    cfg = make_config(
+        fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path,
+        algorithm={"kl_coef": 0.0, "kl_target": None, "kl_limit": None}, reward={"clip": 0.0},
+    )  # fmt: skip
     trainer = trainer_for(cfg)
     exp = trainer.generate_experience(prompt_batch(trainer))
     last = exp.response_mask.sum(1) - 1
@@ -97,27 +92,144 @@ def test_rewards_at_last_token_and_masked_after_eos(fixture_dir, task_files, tmp
     assert (exp.returns[exp.response_mask == 0] == 0).all()
 
 
-def test_fit_logs_every_metric_and_exports_actor_ema(fixture_dir, task_files, tmp_path):
-    from chatforge.fixtures import is_correct
+def test_train_rlhf_reports_the_statistics_of_the_experience_it_is_given(fixture_dir, task_files, tmp_path):
+    cfg = make_config(fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path)
+    trainer = trainer_for(cfg)
+    first = trainer.generate_experience(prompt_batch(trainer))
+    trainer.generate_experience(prompt_batch(trainer, 2))  # a later rollout must not leak into the stats
+    stats = trainer.train_rlhf(first)
+    for key, value in first.stats.items():
+        assert stats[key] == value, key
 
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo", "reinforce++"])
+def test_critic_free_estimators_build_no_critic_and_train(fixture_dir, task_files, tmp_path, algorithm):
+    n = 1 if algorithm == "reinforce++" else 4
     cfg = make_config(
-        fixture_dir, task_files, tmp_path / "run",
-        ema={"enabled": True, "decay": 0.5},
-        ptx={"coef": 0.5, "micro_batch_size": 2,
-             "data": {"datasets": [task_files["text"]], "eval_fraction": 0.0, "cache_dir": task_files["cache"]}},
-        train__save_every=1,
+        fixture_dir / "llama", None, task_files, tmp_path, algorithm={"name": algorithm},
+        reward={"functions": [TASK_CHECK, "chatforge.fixtures.task:length_penalty*0.1"]},
+        rollout={"n_samples_per_prompt": n, "batch_size": 2 if n > 1 else 4},
     )  # fmt: skip
     trainer = trainer_for(cfg)
-    trainer.task_check = is_correct
-    final = trainer.fit()
-    assert "task_accuracy" in final
+    assert trainer.engine.critic is None and not trainer.engine.reward_models
+    batch = prompt_batch(trainer, 2 if n > 1 else 4)
+    exp = trainer.generate_experience(batch)
+    assert exp.size == (2 * n if n > 1 else 4) and exp.values is None and exp.returns is None
+    if n > 1:  # responses 0-3 answer prompt 0: one group; advantages are per response, 0 past the end
+        prompts = exp.sequences[:, : exp.prompt_len]
+        assert torch.equal(prompts[0], prompts[3]) and not torch.equal(prompts[0], batch["input_ids"][1])
+        per_response = exp.advantages.sum(1) / exp.response_mask.sum(1).clamp(min=1)
+        torch.testing.assert_close(exp.advantages, per_response[:, None] * exp.response_mask)
+    stats = trainer.train_rlhf(exp)
+    assert "value_loss" not in stats and stats["ratio_first"] == pytest.approx(1.0, abs=1e-6)
+    assert "reward_fn:chatforge.fixtures.task:is_correct" in stats
+
+
+def test_a_bad_reward_function_is_named(fixture_dir, task_files, tmp_path):
+    from chatforge.rewards import RewardFunctionError
+
+    cfg = make_config(
+        fixture_dir / "llama",
+        None,
+        task_files,
+        tmp_path,
+        reward={"functions": ["tests.trainers.bad_rewards:nan_score"]},
+    )
+    trainer = trainer_for(cfg)
+    with pytest.raises(
+        RewardFunctionError, match=r"tests.trainers.bad_rewards:nan_score returned nan for response 0"
+    ):
+        trainer.generate_experience(prompt_batch(trainer))
+    cfg.reward.functions = ["tests.trainers.bad_rewards:too_few"]
+    with pytest.raises(RewardFunctionError, match="returned 1 scores for 4 responses"):
+        trainer_for(cfg).generate_experience(prompt_batch(trainer))
+
+
+def test_fit_logs_metrics_samples_and_exports_actor_ema_critic(fixture_dir, task_files, tmp_path):
+    cfg = make_config(
+        fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path / "run",
+        ema={"decay": 0.5}, ptx={"coef": 0.5, "datasets": [task_files["text"]]},
+        eval={"gold": [TASK_CHECK]}, train={"save_every": 1},
+    )  # fmt: skip
+    final = trainer_for(cfg).fit()
+    assert f"gold:{TASK_CHECK}_greedy" in final and "distinct_2_sampled" in final
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     train = [r for r in records if r["phase"] == "train"]
     assert [r["step"] for r in train] == [1, 2]
     for name in TRAIN_METRICS:
         assert all(name in r for r in train), name
     assert all(r["ptx_loss"] > 0 for r in train)
-    assert [r["step"] for r in records if r["phase"] == "eval"] == [0, 2]
-    for sub in ("actor", "actor-ema"):
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2] and "reward_gain_per_kl" in evals[-1]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {0, 2} and all("response" in s and "prompt" in s for s in samples)
+    for sub in ("actor", "actor-ema", "critic"):
         assert (tmp_path / "run" / sub / "model.safetensors").is_file(), sub
     assert (tmp_path / "run" / "DONE").is_file()
+
+
+def test_a_nan_actor_loss_is_skipped_and_named(fixture_dir, task_files, tmp_path, caplog):
+    cfg = make_config(fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path)
+    trainer = trainer_for(cfg)
+    calls = [0]
+
+    def poison(module, inputs, output):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            return output * float("nan") if calls[0] == 1 else output
+        return output
+
+    trainer.engine.actor.module.model.norm.register_forward_hook(poison)
+    exp = trainer.generate_experience(prompt_batch(trainer))
+    with caplog.at_level(logging.WARNING, logger="chatforge"):
+        trainer.train_rlhf(exp)
+    assert any("non-finite actor loss" in r.getMessage() for r in caplog.records)
+    assert all(torch.isfinite(p).all() for p in trainer.engine.actor.module.parameters())
+
+
+def test_the_kl_limit_stops_the_run_and_restores_the_last_checkpoint(fixture_dir, task_files, tmp_path):
+    cfg = make_config(
+        fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path / "run",
+        actor={"learning_rate": 5e-2}, algorithm={"kl_target": 1e-4, "kl_limit": 2e-4},
+        train={"max_steps": 6, "eval_every": 2},
+    )  # fmt: skip
+    trainer = trainer_for(cfg)
+    trainer.fit()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    stop = [r for r in records if r["phase"] == "guard"]
+    assert stop and stop[0]["kl_limit_stop"] == 1.0 and stop[0]["kl"] > 2e-4
+    train = [r["step"] for r in records if r["phase"] == "train"]
+    assert train[-1] == stop[0]["step"] < 6  # stopped early
+    # The exported actor is the last checkpoint within budget (an evaluation step), not the last iteration.
+    done = json.loads((tmp_path / "run" / "DONE").read_text())
+    assert done["step"] % 2 == 0 and done["step"] < stop[0]["step"]
+
+
+def test_the_best_checkpoint_by_the_gold_signal_is_exported(fixture_dir, task_files, tmp_path, monkeypatch):
+    """With a gold signal the final model is the evaluation that scored best; the last stays as actor-last."""
+    scores = iter([0.1, 0.9, 0.2, 0.3])  # step 0, 2, 4, 6: the best is at step 2
+    from chatforge.trainers import ppo
+
+    original = ppo.PPOTrainer.evaluate
+
+    def evaluate(self, step):
+        result = original(self, step)
+        result[f"gold:{TASK_CHECK}_sampled"] = next(scores)
+        return result
+
+    monkeypatch.setattr(ppo.PPOTrainer, "evaluate", evaluate)
+    cfg = make_config(
+        fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path / "run",
+        actor={"learning_rate": 1e-3}, eval={"gold": [TASK_CHECK]}, train={"max_steps": 6, "eval_every": 2},
+    )  # fmt: skip
+    trainer = trainer_for(cfg)
+    trainer.fit()
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    final, last = (
+        load_file(run / "actor" / "model.safetensors"),
+        load_file(run / "actor-last" / "model.safetensors"),
+    )
+    assert any(not torch.equal(final[k], last[k]) for k in final)
+    assert (run / "checkpoints" / "actor" / "step2").is_dir()  # the best tag survives pruning

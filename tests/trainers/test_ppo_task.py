@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from chatforge.config import PPOConfig, RewardConfig, SFTConfig, from_dict
-from chatforge.trainers.common import read_metrics
+from chatforge.trainers.run_dir import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +25,16 @@ def sft_and_reward(fixture_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
     data = root / "task.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in task_rows(6000, seed=0, max_operand=4)))
-    shared = {"datasets": [str(data)], "cache_dir": str(root / "cache")}
+    shared = {"datasets": [str(data)]}
     sft = from_dict(SFTConfig, {
-        "model": {"name_or_path": str(fixture_dir / "llama")}, "data": shared,
-        "optim": {"learning_rate": 3e-3, "warmup_ratio": 0.05},
-        "train": {"output_dir": str(root / "sft"), "micro_batch_size": 16, "epochs": 5, "tensorboard": False},
+        "model": {"name_or_path": str(fixture_dir / "llama"), "learning_rate": 3e-3}, "data": shared,
+        "optim": {"warmup": 0.05}, "batch": {"micro_batch_size": 16, "epochs": 5},
+        "train": {"output_dir": str(root / "sft"), "report_to": ["none"]},
     })  # fmt: skip
     SFTTrainer(sft).fit()
     rm = from_dict(RewardConfig, {
-        "model": {"name_or_path": str(root / "sft" / "model")}, "data": shared,
-        "optim": {"learning_rate": 1e-3},
-        "train": {"output_dir": str(root / "rm"), "micro_batch_size": 16, "epochs": 4, "tensorboard": False},
+        "model": {"name_or_path": str(root / "sft" / "model"), "learning_rate": 1e-3}, "data": shared,
+        "batch": {"micro_batch_size": 16, "epochs": 4}, "train": {"output_dir": str(root / "rm"), "report_to": ["none"]},
     })  # fmt: skip
     RewardTrainer(rm).fit()
     return root, shared
@@ -50,7 +49,7 @@ def sampled_accuracy(trainer, rows: list[dict]) -> float:
     generator = torch.Generator().manual_seed(0)
     for i in range(0, len(rows), 64):
         batch = collate(rows[i : i + 64])
-        out = trainer.rollout(batch, generator=generator)
+        out = trainer.rollout(batch, trainer._rollout_config(), generator=generator)
         prompts = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
         replies = tok.batch_decode(out.sequences[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         right += sum(is_correct(p, r) for p, r in zip(prompts, replies))
@@ -60,28 +59,25 @@ def sampled_accuracy(trainer, rows: list[dict]) -> float:
 @pytest.mark.slow
 def test_ppo_raises_reward_and_task_accuracy_over_sft(sft_and_reward):
     from chatforge.data import load_step_data
-    from chatforge.fixtures import is_correct
-    from chatforge.trainers.ppo import PPOTrainer
-    from chatforge.trainers.rlhf_engine import RLHFEngine
+    from chatforge.trainers.ppo import PPOTrainer, RLHFEngine
 
     root, shared = sft_and_reward
     cfg = from_dict(PPOConfig, {
-        "actor": {"name_or_path": str(root / "sft" / "model")},
-        "reward": {"name_or_path": str(root / "rm" / "model")},
+        "actor": {"name_or_path": str(root / "sft" / "model"), "learning_rate": 3e-4},
+        "critic": {"learning_rate": 5e-4},
+        "reward": {"models": [str(root / "rm" / "model")]},
         "data": shared,
-        "generation": {"max_new_tokens": 12},
-        "actor_optim": {"learning_rate": 3e-4},
-        "critic_optim": {"learning_rate": 5e-4},
-        "ppo": {"kl_coef": 0.02, "lam": 1.0, "num_minibatches": 2, "ppo_epochs": 4, "normalize_reward": True},
-        "train": {"output_dir": str(root / "ppo"), "max_steps": 120, "rollout_batch_size": 32,
-                  "eval_prompts": 64, "tensorboard": False},
+        "rollout": {"max_new_tokens": 12, "batch_size": 32},
+        "algorithm": {"kl_coef": 0.02, "lam": 1.0, "num_minibatches": 2, "epochs": 4},
+        "eval": {"prompts": 64, "gold": ["chatforge.fixtures.task:is_correct"]},
+        "train": {"output_dir": str(root / "ppo"), "max_steps": 120, "eval_every": 20, "report_to": ["none"]},
     })  # fmt: skip
-    trainer = PPOTrainer(RLHFEngine(cfg), cfg, task_check=is_correct)
+    trainer = PPOTrainer(RLHFEngine(cfg), cfg)
     held_out = list(load_step_data(cfg.data, trainer.tokenizer, "ppo").eval)
     before = sampled_accuracy(trainer, held_out)
     trainer.fit()
     after = sampled_accuracy(trainer, held_out)
-    train = [r["reward_raw"] for r in read_metrics(root / "ppo" / "metrics.jsonl") if r["phase"] == "train"]
+    train = [r["reward"] for r in read_metrics(root / "ppo" / "metrics.jsonl") if r["phase"] == "train"]
     first, last = sum(train[:20]) / 20, sum(train[-20:]) / 20
     print(f"sampled accuracy {before:.3f} -> {after:.3f}; rollout reward {first:.2f} -> {last:.2f}")
     assert last > first + 1.0  # reward-model score of fresh rollouts (scores span about -5..+5)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from chatforge.trainers.common import TrainingDiverged
+from chatforge.trainers.guard import TrainingDiverged
 
 # The same optimizer steps replayed from a checkpoint: bit-identical here; 1e-6 is slack.
 RESUME_TOL = 1e-6
@@ -18,7 +18,7 @@ RESUME_TOL = 1e-6
 # all-reduce of two 8-row halves); 2e-6 was seen over 8 steps at lr 3e-3.
 ZERO2_TOL = 1e-5
 
-FAST = ("optim.learning_rate=3e-3", "optim.warmup_ratio=0.05", "train.micro_batch_size=16")
+FAST = ("model.learning_rate=3e-3", "optim.warmup=0.05", "batch.micro_batch_size=16")
 
 
 def test_eval_perplexity_falls_well_below_its_start_and_the_model_dir_loads(runs, tmp_path):
@@ -46,8 +46,8 @@ def test_sft_solves_the_task(trained_sft, runs):
     """~99% greedy accuracy on prompts SFT never saw (the step-3 part of the data), perplexity ~1.02."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chatforge.config import DataConfig
     from chatforge.data import PromptCollator, load_step_data
+    from chatforge.data.pipeline import DataSettings
     from chatforge.fixtures import is_correct
 
     out, final = trained_sft
@@ -56,12 +56,15 @@ def test_sft_solves_the_task(trained_sft, runs):
 
     tok = AutoTokenizer.from_pretrained(out / "model")
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
-    cfg = DataConfig(datasets=[str(runs.task_data)], cache_dir=str(runs.cache), max_prompt_length=64)
+    cfg = DataSettings.of(None, datasets=[str(runs.task_data)], max_prompt_length=64)
     prompts = load_step_data(cfg, tok, "ppo").train
     rows = [prompts[i] for i in range(128)]
     batch = PromptCollator(tok)(rows)
     with torch.no_grad():
-        gen = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        gen = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=8,
+            do_sample=False, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
     questions = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
     answers = tok.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     accuracy = sum(is_correct(q, a) for q, a in zip(questions, answers)) / len(rows)
@@ -76,7 +79,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(runs, tmp_path):
     killed = tmp_path / "killed"
     with pytest.raises(AssertionError, match=r"failed \(17\)"):
         runs.cli("sft", runs.args("sft", killed, *steps), env={"CHATFORGE_FAULT_AT_STEP": "3"})
-    assert (killed / "checkpoints" / "latest").read_text().strip() == "step2"
+    assert (killed / "checkpoints" / "model" / "latest").read_text().strip() == "step2"
     assert not (killed / "DONE").exists() and sorted(runs.train_records(killed)) == [1, 2, 3]
     runs.cli("sft", [*runs.args("sft", killed, *steps), "--resume"])
 
@@ -100,11 +103,11 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(runs, tmp_path):
 def test_zero2_on_two_processes_follows_the_single_process_curve(runs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = ("optim.learning_rate=3e-3", "train.max_steps=8", "train.eval_every=4")
+    steps = ("model.learning_rate=3e-3", "train.max_steps=8", "train.eval_every=4")
     two = tmp_path / "zero2"
-    runs.cli("sft", runs.args("sft", two, *steps, "train.micro_batch_size=8", "engine.zero_stage=2"), nproc=2)
+    runs.cli("sft", runs.args("sft", two, *steps, "batch.micro_batch_size=8", "model.zero_stage=2"), nproc=2)
     one = tmp_path / "one"
-    _, final = runs.fit("sft", runs.args("sft", one, *steps, "train.micro_batch_size=16"))
+    _, final = runs.fit("sft", runs.args("sft", one, *steps, "batch.micro_batch_size=16"))
 
     curve_two, curve_one = runs.train_records(two), runs.train_records(one)
     assert sorted(curve_two) == sorted(curve_one) == list(range(1, 9))
@@ -127,13 +130,13 @@ def test_zero2_on_two_processes_follows_the_single_process_curve(runs, tmp_path)
 # --- non-finite losses ------------------------------------------------------------------------------
 def test_a_few_nan_losses_are_skipped_and_named(runs, tmp_path, caplog):
     out = tmp_path / "sft"
-    trainer = runs.trainer("sft", runs.args("sft", out, *FAST, "train.max_steps=6", "train.max_bad_steps=2"))
+    trainer = runs.trainer("sft", runs.args("sft", out, *FAST, "train.max_steps=6"))
     runs.nan_on_steps(trainer, {3, 4})
     with caplog.at_level(logging.WARNING, logger="chatforge"):
         final = trainer.fit()
     warnings = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]
     assert len(warnings) == 2 and "at step 3 " in warnings[0] and "at step 4 " in warnings[1], warnings
-    assert trainer.guard.total == 2 and (out / "DONE").is_file()
+    assert trainer.setup.guard.total == 2 and (out / "DONE").is_file()
     # The skipped batches' NaN activations did not reach the weights (0 * NaN gradients would).
     assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
     assert torch.isfinite(torch.tensor(final["loss"]))
@@ -144,17 +147,18 @@ def test_a_few_nan_losses_are_skipped_and_named(runs, tmp_path, caplog):
 
 def test_too_many_nan_losses_in_a_row_abort_and_keep_the_last_checkpoint(runs, tmp_path):
     out = tmp_path / "sft"
-    steps = (*FAST, "train.max_steps=10", "train.save_every=2", "train.max_bad_steps=2")
+    steps = (*FAST, "train.max_steps=10", "train.save_every=2")
     trainer = runs.trainer("sft", runs.args("sft", out, *steps))
     runs.nan_on_steps(trainer, set(range(5, 100)))
-    with pytest.raises(TrainingDiverged, match=r"3 times in a row \(last at step 7\).*checkpoint is kept"):
+    # Three bad steps in a row are skipped (5, 6, 7); the fourth stops the run.
+    with pytest.raises(TrainingDiverged, match=r"4 times in a row \(last at step 8\).*checkpoint is kept"):
         trainer.fit()
     assert not (out / "DONE").exists()
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step6"
+    assert (out / "checkpoints" / "model" / "latest").read_text().strip() == "step6"
 
     # The data is fine again: the kept checkpoint loads and the run finishes.
     trainer, final = runs.fit("sft", runs.args("sft", out, *steps, "train.resume=true"))
-    assert trainer.guard.total == 0 and (out / "DONE").is_file()
+    assert trainer.setup.guard.total == 0 and (out / "DONE").is_file()
     assert sorted(runs.train_records(out)) == list(range(1, 11))
     assert torch.isfinite(torch.tensor(final["loss"])) and final["loss"] < runs.eval_records(out)[0]["loss"]
 
@@ -170,18 +174,20 @@ def test_help_config_lists_every_key_with_its_doc():
     proc = chatforge("sft", "--help-config")
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
-    for key in ("model.name_or_path", "engine.zero_stage", "optim.learning_rate", "train.max_bad_steps"):
+    for key in ("model.name_or_path", "model.zero_stage", "model.learning_rate", "batch.epochs"):
         assert key in lines, key
-    assert "ZeRO stage" in lines["engine.zero_stage"] and "[default: 0]" in lines["engine.zero_stage"]
-    assert "[default: 0.0001]" in lines["optim.learning_rate"]  # SFT's own default, not OptimConfig's
+    assert "ZeRO stage" in lines["model.zero_stage"] and "[default: 0]" in lines["model.zero_stage"]
+    assert "[default: 0.0001]" in lines["model.learning_rate"]  # SFT's own default, not the class's
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("engine.zero_stage=7", "engine.zero_stage must be 0, 1, 2 or 3, got 7"),
+        ("model.zero_stage=7", "model.zero_stage must be 0, 1, 2 or 3, got 7"),
         ("train.bogus=1", "unknown config key(s) train.bogus"),
-        ("train.epochs=abc", "train.epochs: expected an integer"),
+        ("batch.epochs=abc", "batch.epochs: expected an integer"),
+        ("batch.epochs=-1", "batch.epochs must be >= 1, got -1"),
+        ("model.learning_rate=-1e-4", "model.learning_rate must be > 0"),
     ],
 )
 def test_a_bad_override_exits_2_naming_the_key(override, message, tmp_path):

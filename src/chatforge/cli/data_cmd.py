@@ -26,11 +26,12 @@ def register(sub) -> None:
 
 
 def run_inspect(args) -> int:
-    from chatforge.config.schema import DataConfig
     from chatforge.data import DataError
     from chatforge.data.inspect import inspect_report
+    from chatforge.data.pipeline import DataSettings
 
-    cfg = DataConfig(
+    cfg = DataSettings.of(
+        None,
         datasets=list(args.specs),
         data_split=[float(x) for x in args.data_split.split(",")],
         eval_fraction=args.eval_fraction,
@@ -38,7 +39,6 @@ def run_inspect(args) -> int:
         max_prompt_length=args.max_prompt_length,
         max_length=args.max_length,
         packing=args.packing,
-        cache_dir=args.cache_dir,
     )
     try:
         tokenizer = None
@@ -49,7 +49,7 @@ def run_inspect(args) -> int:
         import datasets
 
         datasets.disable_progress_bars()
-        print(inspect_report(cfg, tokenizer))
+        print(inspect_report(cfg, tokenizer, cache_dir=args.cache_dir))
     except DataError as err:
         print(f"chatforge data inspect: {err}", file=sys.stderr)
         return 2

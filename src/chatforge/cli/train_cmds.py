@@ -20,7 +20,12 @@ CONFIG_COMMANDS = {
     "ppo": (
         "chatforge.config:PPOConfig",
         "chatforge.trainers.ppo:build_trainer",
-        "step 3: RLHF with PPO (actor, critic, reference, reward)",
+        "step 3: online RL (PPO, GRPO, Dr. GRPO, RLOO, REINFORCE++) with reward models and/or rule rewards",
+    ),
+    "dpo": (
+        "chatforge.config:DPOConfig",
+        "chatforge.trainers.dpo:DPOTrainer",
+        "DPO (or IPO / cDPO): preference pairs straight into the policy, instead of steps 2 + 3",
     ),
 }
 

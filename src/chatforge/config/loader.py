@@ -8,6 +8,7 @@ and the docs never drift from the code.
 from __future__ import annotations
 
 import ast
+import contextvars
 import copy
 import dataclasses
 import inspect
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# The command's config class while one is being built (for messages about keys that moved).
+_ROOT: contextvars.ContextVar[type | None] = contextvars.ContextVar("chatforge_config_root", default=None)
 
 
 class ConfigError(ValueError):
@@ -90,25 +93,52 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:
+        if value is None:  # `key=none` for a setting that is never null is the word itself
+            return "none"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a (nested) dict, checking names and types."""
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: Any = None) -> T:
+    """Build dataclass `cls` from a (nested) dict, checking names and types.
+
+    Keys the dict leaves out keep `base`'s values, and a nested section starts from its parent's default
+    (SFT's model section defaults to lr 1e-4 though the class says 1e-5; naming one key of it must not
+    silently bring back the class defaults of the others)."""
+    from .moved import moved_message
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of settings, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
+    root = _ROOT.get()
+    if root is None:
+        _ROOT.set(cls)
+        try:
+            return from_dict(cls, data, prefix, base)
+        finally:
+            _ROOT.set(None)
+    for key in unknown:
+        moved = moved_message(cls, key, prefix, root)
+        if moved:
+            raise ConfigError(moved)
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
             f"valid keys here: {', '.join(sorted(names))}"
         )
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    obj = cls(**kwargs)
-    return obj
+    base = base if base is not None else cls()
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if _is_dataclass_type(tp) and isinstance(value, dict):
+            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.", getattr(base, key))
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(obj: Any) -> Any:
@@ -238,7 +268,9 @@ def _field_default(f: dataclasses.Field) -> Any:
     return "(required)"
 
 
-def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str]]:
+def describe(
+    cls: type, prefix: str = "", defaults: Any = None, hidden: tuple[str, ...] = ()
+) -> list[tuple[str, str, str]]:
     """(dotted key, default, doc) for every leaf field of a config class, nested ones included.
 
     A section's defaults come from its parent's default instance, which may differ from the section
@@ -249,17 +281,20 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        key = prefix + f.name
+        if any(key == h or key.startswith(h + ".") for h in hidden):
+            continue
         default = _field_default(f) if defaults is None else getattr(defaults, f.name)
         if _is_dataclass_type(tp):
             section = default if isinstance(default, tp) else None
-            rows.extend(describe(tp, prefix + f.name + ".", section))
+            rows.extend(describe(tp, key + ".", section, hidden))
             continue
         rows.append((prefix + f.name, repr(default), docs.get(f.name, "")))
     return rows
 
 
-def format_help(cls: type) -> str:
-    rows = describe(cls)
+def format_help(cls: type, hidden: tuple[str, ...] = ()) -> str:
+    rows = describe(cls, hidden=hidden)
     width = max(len(k) for k, _, _ in rows)
     lines = [f"  {k:<{width}}  {doc} [default: {d}]" for k, d, doc in rows]
     return "\n".join(lines)

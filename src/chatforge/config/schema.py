@@ -1,4 +1,10 @@
-"""The typed configs of every chatforge command. Each field's docstring is its help text."""
+"""The typed configs of every chatforge command. Each field's docstring is its help text, and every field is
+read somewhere (tests/config/test_schema_coverage.py walks the schema).
+
+Every command has the same shape: its models (a trained model carries its own learning rate, ZeRO stage and
+LoRA rank; a frozen one only its path), `engine` (how all models of the command run), `optim` (what trained
+models share besides the learning rate), `data`, and `train` (the run: output, seed, length, checkpoints).
+"""
 
 from __future__ import annotations
 
@@ -7,122 +13,116 @@ from typing import Literal
 
 from .loader import ConfigError
 
+ZERO_STAGES = (0, 1, 2, 3)
 
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+# --- models ---------------------------------------------------------------------------------------
 @dataclass
-class ModelConfig:
+class FrozenModel:
     name_or_path: str = ""
-    """Hub name or local dir of a Hugging Face model (config + weights)."""
-    tokenizer: str | None = None
-    """Tokenizer hub name or dir; defaults to name_or_path."""
-    trust_remote_code: bool = False
-    """Allow custom modelling code from the model repo."""
-    attn_implementation: str | None = None
-    """Attention kernel for transformers ('sdpa', 'eager', 'flash_attention_2'); None lets transformers pick."""
-    disable_dropout: bool = True
-    """Set every dropout probability to 0 (stable losses; standard for RLHF)."""
+    """Hub name or local HF dir of the model (config + weights + tokenizer)."""
 
 
 @dataclass
-class LoRAConfig:
-    r: int = 0
-    """LoRA rank; 0 disables LoRA and trains all weights."""
-    alpha: float = 16.0
-    """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
-    """Dropout on the LoRA branch."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Module names to adapt; 'all-linear' adapts every linear layer but the output head."""
-    save: Literal["merged", "adapter"] = "merged"
-    """Final model format: 'merged' writes a plain HF model, 'adapter' a peft adapter dir."""
+class TrainedModel:
+    name_or_path: str = ""
+    """Hub name or local HF dir of the model to train (config + weights + tokenizer)."""
+    learning_rate: float = 1e-5
+    """Peak learning rate of its AdamW."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (data parallel), 1 (+optimizer states sharded), 2 (+gradients), 3 (+weights)."""
+    lora_r: int = 0
+    """LoRA rank (peft, alpha = 2 * rank, every linear layer but the output head); 0 trains all weights."""
 
-    @property
-    def enabled(self) -> bool:
-        return self.r > 0
+    def validate(self, name: str, engine: EngineConfig) -> None:
+        _positive(f"{name}.learning_rate", self.learning_rate)
+        if self.zero_stage not in ZERO_STAGES:
+            raise ConfigError(f"{name}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _at_least(f"{name}.lora_r", self.lora_r, 0)
+        if engine.offload and self.zero_stage == 0:
+            raise ConfigError(
+                f"engine.offload needs ZeRO >= 1; set {name}.zero_stage=2 (or 3) or offload=false"
+            )
 
 
+@dataclass
+class SupervisedModel(TrainedModel):
+    """The one trained model of steps 1 and 2."""
+
+    dropout: bool = False
+    """Keep the checkpoint's dropout in training forwards (off by default: stabler small-data fine-tuning)."""
+
+
+# --- how models run -----------------------------------------------------------------------------------
 @dataclass
 class EngineConfig:
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
-    offload_optimizer: bool = False
-    """Keep optimizer states on CPU (DeepSpeedCPUAdam); needs zero_stage >= 1."""
-    offload_params: bool = False
-    """Keep parameters on CPU between uses; needs zero_stage 3."""
+    """How every model of the command runs."""
+
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Training dtype; 'auto' = bf16 on GPUs that support it, else fp32 (bf16 is ~12x slower on CPUs)."""
+    """'auto': bf16 on GPUs and on CPUs with native bf16 matmuls (AMX / AVX512-BF16), else fp32."""
+    offload: bool = False
+    """Keep optimizer states (ZeRO >= 1) and, at ZeRO-3, weights in CPU memory."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
-    gradient_clipping: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables."""
     sequence_parallel_size: int = 1
-    """Ulysses sequence parallelism: ranks that split each sequence (1 = off)."""
+    """Ulysses sequence parallelism: ranks that split each sequence (1 = off; Llama and Qwen2 families)."""
+    attn_implementation: str | None = None
+    """Attention kernel for transformers ('sdpa', 'eager', 'flash_attention_2'); None lets transformers pick."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from model repos."""
     deepspeed_config: str | None = None
     """Path to a DeepSpeed JSON config; its keys override the ones chatforge derives."""
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    """LoRA adapters (peft)."""
 
-    def validate(self, name: str = "engine") -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{name}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError(f"{name}.offload_optimizer needs {name}.zero_stage >= 1 (set zero_stage=2)")
-        if self.offload_params and self.zero_stage != 3:
-            raise ConfigError(f"{name}.offload_params needs {name}.zero_stage=3")
-        if self.sequence_parallel_size < 1:
-            raise ConfigError(f"{name}.sequence_parallel_size must be >= 1")
+    def validate(self) -> None:
+        _at_least("engine.sequence_parallel_size", self.sequence_parallel_size, 1)
 
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = 1e-5
-    """Peak learning rate of AdamW."""
+    """What the trained models of a command share besides their own learning rate (AdamW, betas 0.9/0.95)."""
+
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
-    """Decay after warmup."""
-    warmup_ratio: float = 0.0
-    """Fraction of the optimizer steps spent warming up linearly from 0."""
-    warmup_steps: int | None = None
-    """Warmup steps; overrides warmup_ratio when set."""
-    min_lr_ratio: float = 0.0
-    """Floor of the decayed learning rate, as a fraction of the peak."""
+    """Decay of the learning rate after warmup."""
+    warmup: float = 0.0
+    """Linear warmup from 0: a fraction of the optimizer steps when < 1, else a number of steps."""
+    gradient_clipping: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables."""
 
-    def warmup(self, total_steps: int) -> int:
-        if self.warmup_steps is not None:
-            return max(0, self.warmup_steps)
-        return int(round(self.warmup_ratio * total_steps))
+    def validate(self) -> None:
+        if self.weight_decay < 0 or self.warmup < 0 or self.gradient_clipping < 0:
+            raise ConfigError("optim.weight_decay, optim.warmup and optim.gradient_clipping must be >= 0")
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return int(round(self.warmup * total_steps)) if self.warmup < 1 else int(self.warmup)
 
 
+# --- data ----------------------------------------------------------------------------------------------
 @dataclass
-class DataConfig:
+class PromptDataConfig:
+    """Datasets and how they are split over the three steps (the split is the same in every run)."""
+
     datasets: list[str] = field(default_factory=list)
     """Dataset specs 'name_or_path[:weight][:sft|:prompts][:split=NAME][:format=NAME]' (hub name, .json/.jsonl/.parquet/.csv file, or Arrow dir); see docs/data.md."""
     data_split: list[float] = field(default_factory=lambda: [2.0, 4.0, 4.0])
-    """Relative share of each dataset for steps 1 (SFT), 2 (reward), 3 (PPO prompts)."""
+    """Relative share of each dataset for steps 1 (SFT), 2 (reward / DPO pairs), 3 (RL prompts)."""
     eval_fraction: float = 0.05
     """Share of each step's part held out for evaluation."""
-    format: str = "auto"
-    """Row format: 'auto' (detected from the columns) or a named adapter: dschat, hh, conversational, standard, text."""
     columns: dict[str, str] = field(default_factory=dict)
     """Rename source columns before format detection, e.g. {question: prompt, answer: completion}."""
-    split: str = "train"
-    """Split read from hub datasets and saved DatasetDicts (a spec's ':split=NAME' overrides it)."""
     max_prompt_length: int = 256
     """Prompt tokens kept (truncated from the left)."""
-    max_length: int = 512
-    """Prompt + response tokens kept (the response is truncated from the right)."""
-    loss_on: Literal["assistant", "all"] = "assistant"
-    """SFT loss on assistant tokens only, or on every token."""
-    packing: bool = False
-    """Pack several SFT/PTX rows into one sequence (no attention across rows)."""
-    cache_dir: str | None = None
-    """Where tokenised data is cached (default: ~/.cache/chatforge/data)."""
-    seed: int = 1234
-    """Seed of the deterministic split and shuffle."""
 
     def validate(self, name: str = "data") -> None:
         if len(self.data_split) != 3 or min(self.data_split) < 0 or sum(self.data_split) <= 0:
@@ -130,90 +130,32 @@ class DataConfig:
                 f"{name}.data_split must be 3 non-negative numbers with a positive sum, e.g. 2,4,4"
             )
         if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"{name}.eval_fraction must be in [0, 1)")
-        if self.max_length < 2 or not 1 <= self.max_prompt_length <= self.max_length:
-            raise ConfigError(f"{name}: need 1 <= max_prompt_length <= max_length and max_length >= 2")
+            raise ConfigError(f"{name}.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        _at_least(f"{name}.max_prompt_length", self.max_prompt_length, 1)
 
 
 @dataclass
-class LoopConfig:
-    output_dir: str = "runs/out"
-    """Where checkpoints, metrics and the final HF model go."""
-    final_model_dir: str | None = None
-    """Where the final plain HF model is written (default: <output_dir>/model)."""
-    seed: int = 1234
-    """Seed of model init (heads), dropout and data order."""
-    epochs: int = 1
-    """Passes over the training split."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (overrides epochs when smaller)."""
-    micro_batch_size: int = 8
-    """Sequences per process per forward pass."""
-    gradient_accumulation_steps: int = 1
-    """Micro batches accumulated per optimizer step."""
-    eval_every: int = 0
-    """Evaluate every N optimizer steps (0: only at the end)."""
-    save_every: int = 0
-    """Write a resumable checkpoint every N optimizer steps (0: only at the end)."""
-    log_every: int = 1
-    """Log metrics every N optimizer steps."""
-    resume: bool = False
-    """Continue from the last checkpoint in output_dir."""
-    max_bad_steps: int = 3
-    """Skip up to this many NaN/inf losses in a row before aborting."""
-    tensorboard: bool = True
-    """Also write tensorboard event files."""
-    keep_checkpoints: int = 1
-    """How many resumable checkpoints to keep."""
+class DataConfig(PromptDataConfig):
+    """Prompt + response data (reward pairs, DPO pairs)."""
 
-    def validate(self) -> None:
-        if self.micro_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ConfigError("train.micro_batch_size and train.gradient_accumulation_steps must be >= 1")
+    max_length: int = 512
+    """Prompt + response tokens kept (the response is truncated from the right)."""
+
+    def validate(self, name: str = "data") -> None:
+        super().validate(name)
+        if self.max_length < 2 or self.max_prompt_length > self.max_length:
+            raise ConfigError(f"{name}: need max_prompt_length <= max_length and max_length >= 2")
 
 
 @dataclass
-class StepConfig:
-    """What steps 1 and 2 share: one model trained on one part of the data."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The model to train."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Training data (this step's part of each dataset)."""
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    """Distributed engine settings."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer and schedule."""
-    train: LoopConfig = field(default_factory=LoopConfig)
-    """Loop, logging and checkpointing."""
-
-    def validate(self) -> None:
-        if not self.model.name_or_path:
-            raise ConfigError("model.name_or_path is required (a hub name or a local model dir)")
-        self.data.validate()
-        self.engine.validate()
-        self.train.validate()
+class SFTDataConfig(DataConfig):
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """SFT loss on assistant tokens only, or on every token."""
+    packing: bool = False
+    """Pack several rows into one sequence (no attention across rows)."""
 
 
-@dataclass
-class SFTConfig(StepConfig):
-    """Step 1: supervised fine-tuning."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The model to fine-tune."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-4))
-    """Optimizer and schedule."""
-
-
-@dataclass
-class RewardConfig(StepConfig):
-    """Step 2: pairwise reward model."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Backbone (a causal LM or a sequence-classification model)."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=5e-5))
-    """Optimizer and schedule."""
-
-
+# --- generation requests (not a command setting: what `chatforge.generation.generate` is asked) ----------
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 128
@@ -240,174 +182,163 @@ class GenerationConfig:
             raise ConfigError("generation.top_p must be in (0, 1]")
 
 
-@dataclass
-class PPOAlgoConfig:
-    """PPO hyper-parameters (InstructGPT; "The N implementation details of RLHF with PPO")."""
-
-    kl_coef: float = 0.05
-    """Initial coefficient beta of the per-token KL penalty against the reference model."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator: k1 = log pi - log pi_ref (InstructGPT), k3 = low-variance, always >= 0."""
-    kl_target: float | None = None
-    """Adaptive KL (Ziegler et al. 2019): target KL per sequence; None keeps kl_coef fixed."""
-    kl_horizon: int = 10000
-    """Adaptive KL horizon in episodes (how fast beta moves towards the target)."""
-    gamma: float = 1.0
-    """Discount of GAE (1.0: the episode is one response)."""
-    lam: float = 0.95
-    """Lambda of GAE."""
-    clip_range: float = 0.2
-    """PPO ratio clip epsilon."""
-    value_clip: float = 0.2
-    """Clip of the value update around the rollout values."""
-    reward_clip: float = 5.0
-    """Clip the reward-model score (after normalisation) to [-reward_clip, reward_clip]; 0 disables."""
-    normalize_reward: bool = False
-    """Normalise scores with the step-2 statistics (reward_stats.json beside the reward model)."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the rollout batch."""
-    ppo_epochs: int = 1
-    """Passes of PPO updates over each rollout batch."""
-    num_minibatches: int = 1
-    """Mini-batches (optimizer steps) per epoch; the rollout batch is split into this many."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from the score of responses that end without EOS (None: no penalty)."""
-    value_loss_coef: float = 1.0
-    """Scale of the critic's loss (the critic has its own optimizer; this only rescales its gradient)."""
-
-    def validate(self) -> None:
-        if self.ppo_epochs < 1 or self.num_minibatches < 1:
-            raise ConfigError("ppo.ppo_epochs and ppo.num_minibatches must be >= 1")
-        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ConfigError("ppo.gamma and ppo.lam must be in [0, 1]")
-        if self.clip_range <= 0 or self.value_clip <= 0:
-            raise ConfigError("ppo.clip_range and ppo.value_clip must be > 0")
-        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_horizon <= 0):
-            raise ConfigError("ppo.kl_target and ppo.kl_horizon must be > 0 for the adaptive KL")
+# --- the run ----------------------------------------------------------------------------------------------
+REPORT_TARGETS = ("tensorboard", "wandb", "mlflow", "none")
 
 
 @dataclass
-class EMAConfig:
-    enabled: bool = False
-    """Keep an exponential moving average of the actor's weights and save it as its own HF dir."""
-    decay: float = 0.992
-    """EMA decay per optimizer step: ema = decay * ema + (1 - decay) * weights."""
-    on_cpu: bool = False
-    """Hold the EMA weights in CPU memory (saves accelerator memory)."""
+class RunConfig:
+    """Where a run writes, how long it runs, and its checkpoints."""
 
-    def validate(self) -> None:
-        if not 0 <= self.decay < 1:
-            raise ConfigError("ema.decay must be in [0, 1)")
-
-
-@dataclass
-class PTXConfig:
-    """Mixture training (InstructGPT "PPO-ptx"): a language-modelling loss on plain text added to the actor update."""
-
-    coef: float = 0.0
-    """Weight gamma of the pretraining loss in the actor loss; 0 disables PTX."""
-    data: DataConfig = field(default_factory=lambda: DataConfig(eval_fraction=0.0))
-    """Plain-text datasets (rows with a 'text' column); every row is used."""
-    micro_batch_size: int = 4
-    """PTX sequences per process per actor optimizer step."""
-
-    @property
-    def enabled(self) -> bool:
-        return self.coef > 0
-
-
-@dataclass
-class PPOLoopConfig:
-    output_dir: str = "runs/ppo"
-    """Where checkpoints, metrics and the final HF models go."""
+    output_dir: str = "runs/out"
+    """Run dir: checkpoints, metrics.jsonl, config.yaml, DONE."""
     final_model_dir: str | None = None
-    """Where the trained actor is written as a plain HF model (default: <output_dir>/actor)."""
-    ema_model_dir: str | None = None
-    """Where the EMA actor is written (default: <output_dir>/actor-ema); only with ema.enabled."""
-    critic_model_dir: str | None = None
-    """Also save the trained critic here (None: not saved)."""
+    """Where the trained model is written as a plain HF dir (default: <output_dir>/model)."""
     seed: int = 1234
-    """Seed of sampling, data order and mini-batch shuffles."""
-    max_steps: int = 20
-    """PPO iterations (one rollout batch + its PPO epochs each)."""
-    rollout_batch_size: int = 16
-    """Prompts per process per iteration."""
-    eval_every: int = 0
-    """Evaluate on held-out prompts every N iterations (0: only at the start and the end)."""
-    eval_prompts: int = 64
-    """Held-out prompts per evaluation (over all processes)."""
-    save_every: int = 0
-    """Write a resumable checkpoint every N iterations (0: only at the end)."""
-    log_every: int = 1
-    """Log metrics every N iterations."""
+    """Seed of head init, sampling, data order and mini-batch shuffles."""
+    max_steps: int | None = None
+    """Optimizer steps (RL: iterations) to run; None = all epochs (RL: required)."""
     resume: bool = False
     """Continue from the last checkpoint in output_dir."""
-    tensorboard: bool = True
-    """Also write tensorboard event files."""
-    task_check: str | None = None
-    """'module:function' called as f(prompt_text, response_text) -> bool; evaluations then log task_accuracy
-    (e.g. chatforge.fixtures.task:is_correct for the demo task)."""
-    keep_checkpoints: int = 1
-    """How many resumable checkpoints to keep."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the start and the end)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers besides metrics.jsonl: any of tensorboard, wandb, mlflow; or none."""
 
     def validate(self) -> None:
-        if self.max_steps < 1 or self.rollout_batch_size < 1:
-            raise ConfigError("train.max_steps and train.rollout_batch_size must be >= 1")
+        if self.max_steps is not None:
+            _at_least("train.max_steps", self.max_steps, 1)
+        for name in ("eval_every", "save_every"):
+            _at_least(f"train.{name}", getattr(self, name), 0)
+        bad = [t for t in self.report_to if t not in REPORT_TARGETS]
+        if bad:
+            raise ConfigError(
+                f"train.report_to: unknown tracker(s) {bad}; choose from {list(REPORT_TARGETS)}"
+            )
 
 
 @dataclass
-class PPOConfig:
-    """Step 3: RLHF with PPO. Four models: actor (trained), critic (trained), reference and reward (frozen)."""
-
-    actor: ModelConfig = field(default_factory=ModelConfig)
-    """The policy, initialised from the step-1 (SFT) model."""
-    critic: ModelConfig = field(default_factory=ModelConfig)
-    """The value model, initialised from the step-2 reward model (default: reward.name_or_path)."""
-    reward: ModelConfig = field(default_factory=ModelConfig)
-    """The step-2 reward model (frozen)."""
-    ref: ModelConfig = field(default_factory=ModelConfig)
-    """The frozen reference policy (default: actor.name_or_path; with actor LoRA, the actor's base itself)."""
-    actor_engine: EngineConfig = field(default_factory=EngineConfig)
-    """Engine of the actor (ZeRO stage, offload, LoRA)."""
-    critic_engine: EngineConfig = field(default_factory=EngineConfig)
-    """Engine of the critic."""
-    ref_engine: EngineConfig = field(default_factory=EngineConfig)
-    """Engine of the reference model (frozen: no optimizer)."""
-    reward_engine: EngineConfig = field(default_factory=EngineConfig)
-    """Engine of the reward model (frozen: no optimizer)."""
-    actor_optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(learning_rate=1e-5, lr_scheduler="constant")
-    )
-    """Actor optimizer (its own learning rate)."""
-    critic_optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(learning_rate=5e-5, lr_scheduler="constant")
-    )
-    """Critic optimizer (its own learning rate)."""
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=64))
-    """Rollout sampling (sampled, not greedy, by default)."""
-    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
-    """PPO hyper-parameters."""
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    """Exponential moving average of the actor."""
-    ptx: PTXConfig = field(default_factory=PTXConfig)
-    """Mixture with a pretraining loss (PPO-ptx)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Prompts (the step-3 part of each dataset)."""
-    train: PPOLoopConfig = field(default_factory=PPOLoopConfig)
-    """Loop, logging and checkpointing."""
+class BatchConfig:
+    micro_batch_size: int = 8
+    """Rows (reward/DPO: pairs) per process per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Micro batches accumulated per optimizer step."""
+    epochs: int = 1
+    """Passes over the training split (train.max_steps stops earlier when smaller)."""
 
     def validate(self) -> None:
-        if not self.actor.name_or_path or not self.reward.name_or_path:
-            raise ConfigError(
-                "actor.name_or_path (step-1 model) and reward.name_or_path (step-2) are required"
-            )
-        self.critic.name_or_path = self.critic.name_or_path or self.reward.name_or_path
-        self.ref.name_or_path = self.ref.name_or_path or self.actor.name_or_path
-        for name in ("actor_engine", "critic_engine", "ref_engine", "reward_engine"):
-            getattr(self, name).validate(name)
-        self.generation.validate()
-        self.ppo.validate()
-        self.ema.validate()
-        self.train.validate()
-        if self.ppo.num_minibatches > self.train.rollout_batch_size:
-            raise ConfigError("ppo.num_minibatches must be <= train.rollout_batch_size")
+        _at_least("batch.micro_batch_size", self.micro_batch_size, 1)
+        _at_least("batch.gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        _at_least("batch.epochs", self.epochs, 1)
+
+
+def _validate_trained(cfg, models: dict[str, TrainedModel]) -> None:
+    cfg.engine.validate()
+    cfg.optim.validate()
+    for name, model in models.items():
+        if not model.name_or_path:
+            raise ConfigError(f"{name}.name_or_path is required (a hub name or a local model dir)")
+        model.validate(name, cfg.engine)
+    cfg.train.validate()
+
+
+# --- steps 1 and 2, and DPO --------------------------------------------------------------------------------
+@dataclass
+class SFTConfig:
+    """Step 1: supervised fine-tuning."""
+
+    model: SupervisedModel = field(default_factory=lambda: SupervisedModel(learning_rate=1e-4))
+    """The model to fine-tune."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """How the model runs."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """Conversations (the step-1 part of each dataset)."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Batch sizes and epochs."""
+    train: RunConfig = field(default_factory=RunConfig)
+    """The run."""
+
+    def validate(self) -> None:
+        _validate_trained(self, {"model": self.model})
+        self.data.validate()
+        self.batch.validate()
+
+
+@dataclass
+class RewardModelConfig(SupervisedModel):
+    heads: int = 1
+    """Score heads trained side by side (an ensemble for a conservative reward in step 3; Coste et al. 2023)."""
+
+
+@dataclass
+class RewardConfig:
+    """Step 2: pairwise reward model."""
+
+    model: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(learning_rate=5e-5))
+    """Backbone (a causal LM or a sequence-classification model)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """How the model runs."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs (the step-2 part of each dataset)."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Batch sizes and epochs."""
+    train: RunConfig = field(default_factory=RunConfig)
+    """The run."""
+
+    def validate(self) -> None:
+        _validate_trained(self, {"model": self.model})
+        _at_least("model.heads", self.model.heads, 1)
+        self.data.validate()
+        self.batch.validate()
+
+
+@dataclass
+class DPOLossConfig:
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * log(pi / pi_ref) (Rafailov et al. 2023)."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """'sigmoid' = DPO; 'ipo' = IPO's squared loss (Azar et al. 2023)."""
+    label_smoothing: float = 0.0
+    """cDPO: assumed share of flipped preference labels (sigmoid loss only)."""
+
+    def validate(self) -> None:
+        _positive("dpo.beta", self.beta)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError("dpo.label_smoothing must be in [0, 0.5)")
+        if self.label_smoothing and self.loss == "ipo":
+            raise ConfigError("dpo.label_smoothing applies to the sigmoid loss only; set it to 0 for ipo")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation: the offline alternative to steps 2 + 3."""
+
+    policy: TrainedModel = field(default_factory=lambda: TrainedModel(learning_rate=5e-6))
+    """The model to train (usually the step-1 model)."""
+    ref: FrozenModel = field(default_factory=FrozenModel)
+    """The frozen reference (default: policy.name_or_path; with policy.lora_r > 0, the policy's own base)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """How the models run (the reference follows policy.zero_stage)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+    """The loss."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs (the step-2 part of each dataset)."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Batch sizes and epochs."""
+    train: RunConfig = field(default_factory=RunConfig)
+    """The run."""
+
+    def validate(self) -> None:
+        _validate_trained(self, {"policy": self.policy})
+        self.ref.name_or_path = self.ref.name_or_path or self.policy.name_or_path
+        self.dpo.validate()
+        self.data.validate()
+        self.batch.validate()

@@ -21,6 +21,11 @@ def pad_id_of(tokenizer) -> int:
     return pad
 
 
+def right_pad(seqs: list[list[int]], value: int):
+    """(B, T) LongTensor of `seqs` right padded with `value`, and the (B, T) attention mask."""
+    return _pad(seqs, value)
+
+
 def _pad(seqs: list[list[int]], value: int, left: bool = False):
     """(B, T) LongTensor of `seqs` padded with `value`, and the (B, T) attention mask."""
     import torch
@@ -60,26 +65,37 @@ class SFTCollator:
 
 
 class PairCollator:
-    """Reward rows -> {input_ids, attention_mask}: (2B, T) right padded; rows 0..B-1 chosen, B..2B-1 rejected."""
+    """Reward rows -> {input_ids, attention_mask, response_mask}: (2B, T) right padded; rows 0..B-1 chosen,
+    B..2B-1 rejected; response_mask is 1 on each reply's tokens (after its prompt)."""
 
     def __init__(self, tokenizer):
         self.pad_id = pad_id_of(tokenizer)
 
     def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
         seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
         input_ids, attention_mask = _pad(seqs, self.pad_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        prompt_len = torch.tensor([r["prompt_len"] for r in rows] * 2)
+        positions = torch.arange(input_ids.shape[1])
+        response_mask = (positions[None] >= prompt_len[:, None]).long() * attention_mask
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
 class PromptCollator:
-    """PPO rows -> {input_ids, attention_mask}: (B, P) LEFT padded, so generation continues every row."""
+    """PPO rows -> {input_ids, attention_mask}: (B, P) LEFT padded, so generation continues every row; plus
+    prompt_messages and extra (lists of B JSON strings) for rewards that read text or row fields."""
 
     def __init__(self, tokenizer):
         self.pad_id = pad_id_of(tokenizer)
 
     def __call__(self, rows: list[dict]) -> dict:
         input_ids, attention_mask = _pad([r["prompt_input_ids"] for r in rows], self.pad_id, left=True)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        for key in ("prompt_messages", "extra"):
+            if key in rows[0]:
+                batch[key] = [r[key] for r in rows]
+        return batch
 
 
 def model_inputs(batch: dict) -> dict:

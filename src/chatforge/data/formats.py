@@ -3,6 +3,7 @@
 Unified row (an Arrow struct, see UNIFIED_FEATURES):
     prompt, completion, chosen, rejected: list of {"role", "content"} messages ([] when absent)
     text: str ("" when absent; the plain-text rows of the pretraining mix)
+    extra: str (JSON of the row's other scalar columns, e.g. a reference answer for reward functions)
     row: int (1-based row number in the source, for error messages)
 
 One table drives every format: FORMATS maps each source column to (unified field, parser, default
@@ -13,6 +14,7 @@ shared prefix (Anthropic hh-rlhf, TRL implicit-prompt preference data).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -97,7 +99,7 @@ def detect_format(columns: list[str], first_row: dict, source: str) -> str:
     raise DataError(
         f"{source}: cannot detect the row format from the columns {sorted(cols)}. "
         "Fix: rename columns with data.columns (e.g. {question: prompt, answer: completion}) "
-        f"or set data.format / ':format=NAME' to one of {', '.join(FORMATS)}"
+        f"or add ':format=NAME' to the dataset spec, NAME one of {', '.join(FORMATS)}"
     )
 
 
@@ -229,16 +231,40 @@ def normalise_row(raw: dict, fmt: Format) -> dict:
             continue
         parsed[target] = _parse_value(value, column, parser, role)
         origin[target] = column
-    return _finish(parsed, {**{"chosen": "chosen", "rejected": "rejected"}, **origin})
+    row = _finish(parsed, {**{"chosen": "chosen", "rejected": "rejected"}, **origin})
+    extra = {k: v for k, v in raw.items() if k not in fmt.columns and isinstance(v, (str, int, float, bool))}
+    row["extra"] = json.dumps(extra, ensure_ascii=False, sort_keys=True)
+    return row
 
 
-def make_normaliser(fmt: Format, source: str):
-    """A batched `Dataset.map` function: source columns -> unified columns (with_indices=True)."""
+def check_row_shape(raw: dict, file_format: str, source: str, index: int) -> None:
+    """A row must have the shape of the format detected from the file's first row: one file, one format
+    (otherwise the minority rows would be read with the wrong adapter)."""
+    present = [k for k, v in raw.items() if v is not None]
+    try:
+        shape = detect_format(present, raw, source)
+    except DataError:
+        shape = None
+    if shape != file_format:
+        raise row_error(
+            source, index + 1, None,
+            f"this row looks like format '{shape or 'unknown'}' (columns {sorted(present)}), but the file "
+            f"was detected as '{file_format}' from its first row",
+            "keep one format per file (split it), or set ':format=NAME' on the dataset spec",
+        )  # fmt: skip
+
+
+def make_normaliser(fmt: Format, source: str, detected: str | None = None):
+    """A batched `Dataset.map` function: source columns -> unified columns (with_indices=True).
+
+    `detected`: the format name when it was detected from the first row (then every row is checked)."""
 
     def normalise(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in (*MESSAGE_FIELDS, "text", "row")}
+        out: dict[str, list] = {k: [] for k in (*MESSAGE_FIELDS, "text", "extra", "row")}
         for i, index in enumerate(indices):
             raw = {col: values[i] for col, values in batch.items()}
+            if detected is not None:
+                check_row_shape(raw, detected, source, index)
             try:
                 row = normalise_row(raw, fmt)
             except RowProblem as err:
@@ -260,6 +286,7 @@ def unified_features():
         {
             **{name: List(message) for name in MESSAGE_FIELDS},
             "text": Value("string"),
+            "extra": Value("string"),
             "row": Value("int64"),
         }
     )

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from .errors import DataError
-from .pipeline import can_serve, load_step_data, load_unified, read_source
+from .pipeline import DataSettings, can_serve, load_step_data, load_unified, read_source
 from .spec import parse_spec
 from .split import SPLIT_STEPS, STEPS, step_part, train_eval
 from .tokenize import IGNORE_INDEX
 
 
-def inspect_report(cfg, tokenizer=None) -> str:
+def inspect_report(cfg, tokenizer=None, cache_dir: str | None = None) -> str:
     """Detected format and rows per step of each source; with a tokenizer also token-length stats,
     truncation/drop counts and one rendered example per step."""
     lines: list[str] = []
     cache = tempfile.TemporaryDirectory(prefix="chatforge-inspect-")
     with cache:
-        cfg = replace(cfg, cache_dir=cfg.cache_dir or cache.name)
+        cfg = DataSettings.of(cfg, cache_dir=cache_dir or cache.name)
         served = set()
         for text in cfg.datasets:
             served |= _describe_source(text, cfg, str(Path(cfg.cache_dir) / "raw"), lines)
@@ -32,7 +31,7 @@ def inspect_report(cfg, tokenizer=None) -> str:
 
 def _describe_source(text: str, cfg, raw_cache: str, lines: list[str]) -> set[str]:
     spec = parse_spec(text)
-    raw, fmt_name, fmt = read_source(spec, cfg, raw_cache)
+    raw, fmt_name, fmt, _ = read_source(spec, cfg, raw_cache)
     load_unified(text, cfg)  # validates every row, so a bad row is reported even without a tokenizer
     lines.append(f"== {spec.name}  (weight {spec.weight:g}, role {spec.role})")
     lines.append(f"format: {fmt_name}   rows: {len(raw)}   columns: {', '.join(raw.column_names)}")

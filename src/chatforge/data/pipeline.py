@@ -21,13 +21,16 @@ import numpy as np
 from .errors import DataError
 from .formats import check_columns, detect_format, make_normaliser, unified_features
 from .packing import pack_rows
-from .render import FALLBACK_TEMPLATE, ChatRenderer
+from .render import FALLBACK_TEMPLATE, ChatRenderer, end_of_turn_ids
 from .sources import fingerprint, load_source
 from .spec import DatasetSpec, parse_spec
 from .split import STEPS, serves, step_part, train_eval, weighted_indices
 from .tokenize import STEP_COLUMNS, Limits, Tally, make_tokeniser
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# The step split and the blend order are fixed per dataset (not per run): steps run as separate commands
+# stay disjoint, and every seed of a sweep is evaluated on the same held-out rows.
+DATA_SEED = 1234
 LENGTH_COLUMNS = {
     "sft": "input_ids",
     "ptx": "input_ids",
@@ -43,6 +46,43 @@ STEP_NEEDS = {
 }
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """What the data layer reads from any step's data config (fields a step lacks take their defaults)."""
+
+    datasets: tuple[str, ...]
+    data_split: tuple[float, ...] = (2.0, 4.0, 4.0)
+    eval_fraction: float = 0.05
+    columns: tuple[tuple[str, str], ...] = ()
+    max_prompt_length: int = 256
+    max_length: int = 512
+    loss_on: str = "assistant"
+    packing: bool = False
+    format: str = "auto"
+    split: str = "train"
+    cache_dir: str = ""
+
+    @classmethod
+    def of(cls, cfg, **overrides) -> DataSettings:
+        names = [f for f in cls.__dataclass_fields__ if f not in ("cache_dir",)]
+        values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+        values.update(overrides)
+        values["datasets"] = tuple(values.get("datasets", ()))
+        values["data_split"] = tuple(values.get("data_split", cls.data_split))
+        values["columns"] = tuple(sorted(dict(values.get("columns", ())).items()))
+        values["cache_dir"] = overrides.get("cache_dir") or default_cache_dir()
+        return cls(**values)
+
+    @property
+    def seed(self) -> int:
+        return DATA_SEED
+
+
+def default_cache_dir() -> str:
+    """$CHATFORGE_CACHE_DIR, else ~/.cache/chatforge/data."""
+    return os.path.expanduser(os.environ.get("CHATFORGE_CACHE_DIR") or "~/.cache/chatforge/data")
+
+
 @dataclass
 class StepData:
     """Token rows of one step. train/eval: Arrow-backed `datasets.Dataset`s (see tokenize.py for rows)."""
@@ -52,15 +92,17 @@ class StepData:
     stats: dict
 
 
-def load_step_data(cfg, tokenizer, step: str) -> StepData:
-    """Build (or reuse from the cache) the train/eval token rows of `step` in {sft, reward, ppo, ptx}."""
+def load_step_data(cfg, tokenizer, step: str, **overrides) -> StepData:
+    """Build (or reuse from the cache) the train/eval token rows of `step` in {sft, reward, ppo, ptx}.
+
+    `cfg` is any step's data config (or a DataSettings); `overrides` set DataSettings fields."""
     if step not in STEPS:
         raise DataError(f"unknown step '{step}'. Fix: use one of {', '.join(STEPS)}")
-    cfg.validate()
+    cfg = cfg if isinstance(cfg, DataSettings) and not overrides else DataSettings.of(cfg, **overrides)
     if not cfg.datasets:
         raise DataError("data.datasets is empty. Fix: list at least one 'name_or_path[:weight]'")
     specs = [parse_spec(s) for s in cfg.datasets]
-    root = Path(os.path.expanduser(cfg.cache_dir or "~/.cache/chatforge/data"))
+    root = Path(cfg.cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(cfg, specs, tokenizer, step)
     final = root / key
@@ -76,6 +118,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     parts = [type(tokenizer).__name__, vocab, str(tokenizer.chat_template), str(tokenizer.all_special_tokens)]
     parts += [str(tokenizer.eos_token_id), str(tokenizer.pad_token_id), str(tokenizer.bos_token_id)]
+    parts += [str(end_of_turn_ids(tokenizer))]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
@@ -92,9 +135,9 @@ def cache_key(cfg, specs: list[DatasetSpec], tokenizer, step: str) -> str:
             "max_length",
             "loss_on",
             "packing",
-            "seed",
         )
     }
+    settings["seed"] = cfg.seed
     payload = {
         "version": CACHE_VERSION,
         "step": step,
@@ -149,9 +192,10 @@ def _fp(key: str, stage: str) -> str:
 
 
 def read_source(spec: DatasetSpec, cfg, raw_cache: str):
-    """Load one source, apply data.columns renames and pick its format -> (raw Dataset, format name, Format)."""
+    """Load one source, apply data.columns renames and pick its format -> (raw Dataset, format name, Format,
+    whether the format was detected)."""
     raw = load_source(spec, cfg.split, raw_cache)
-    renames = {a: b for a, b in cfg.columns.items() if a in raw.column_names and a != b}
+    renames = {a: b for a, b in dict(cfg.columns).items() if a in raw.column_names and a != b}
     clash = [b for b in renames.values() if b in raw.column_names and b not in renames]
     if clash:
         raise DataError(
@@ -159,9 +203,11 @@ def read_source(spec: DatasetSpec, cfg, raw_cache: str):
         )
     raw = raw.rename_columns(renames) if renames else raw
     fmt_name = spec.format or cfg.format
-    if fmt_name == "auto":
-        fmt_name = detect_format(raw.column_names, raw[0], spec.path)
-    return raw, fmt_name, check_columns(fmt_name, raw.column_names, spec.path)
+    detected = fmt_name == "auto"
+    if detected:
+        first = raw[0]
+        fmt_name = detect_format([k for k, v in first.items() if v is not None], first, spec.path)
+    return raw, fmt_name, check_columns(fmt_name, raw.column_names, spec.path), detected
 
 
 def can_serve(fmt, columns: list[str], step: str) -> bool:
@@ -173,9 +219,9 @@ def can_serve(fmt, columns: list[str], step: str) -> bool:
 def load_unified(spec_text: str, cfg):
     """The unified rows of one spec (for inspection and tests; cached by `datasets` next to the source)."""
     spec = parse_spec(spec_text)
-    root = Path(os.path.expanduser(cfg.cache_dir or "~/.cache/chatforge/data"))
-    raw, fmt_name, fmt = read_source(spec, cfg, str(root / "raw"))
-    normalise = make_normaliser(fmt, spec.path)
+    cfg = cfg if isinstance(cfg, DataSettings) else DataSettings.of(cfg)
+    raw, fmt_name, fmt, detected = read_source(spec, cfg, str(Path(cfg.cache_dir) / "raw"))
+    normalise = make_normaliser(fmt, spec.path, fmt_name if detected else None)
     return raw.map(
         normalise,
         batched=True,
@@ -188,7 +234,7 @@ def load_unified(spec_text: str, cfg):
 
 def _unified(spec: DatasetSpec, index: int, cfg, tmp: Path, key: str, step: str):
     """Read, check and normalise one source -> (unified Dataset, format name)."""
-    raw, fmt_name, fmt = read_source(spec, cfg, str(tmp.parent / "raw"))
+    raw, fmt_name, fmt, detected = read_source(spec, cfg, str(tmp.parent / "raw"))
     if not can_serve(fmt, raw.column_names, step):
         need = " or ".join("+".join(alt) for alt in STEP_NEEDS[step])
         raise DataError(
@@ -197,7 +243,7 @@ def _unified(spec: DatasetSpec, index: int, cfg, tmp: Path, key: str, step: str)
             "or remove it from this step's data.datasets"
         )
     unified = raw.map(
-        make_normaliser(fmt, spec.path),
+        make_normaliser(fmt, spec.path, fmt_name if detected else None),
         batched=True,
         with_indices=True,
         remove_columns=raw.column_names,
@@ -212,8 +258,8 @@ def _unified(spec: DatasetSpec, index: int, cfg, tmp: Path, key: str, step: str)
 def _step_features(step: str):
     from datasets import Features, List, Value
 
-    ids = List(Value("int32"))
-    return Features({c: Value("int32") if c == "prompt_len" else ids for c in STEP_COLUMNS[step]})
+    kinds = {"prompt_len": Value("int32"), "prompt_messages": Value("string"), "extra": Value("string")}
+    return Features({c: kinds.get(c, List(Value("int32"))) for c in STEP_COLUMNS[step]})
 
 
 def _tokenise_part(
@@ -302,7 +348,7 @@ def _blend(parts: list, split: str, packed: bool, cfg, step: str, tmp: Path, key
     order = np.concatenate([off + take for (_, take), off in zip(parts, offsets)])
     if split == "train":
         order = np.random.default_rng(cfg.seed).permutation(order)
-    columns = [c for c in STEP_COLUMNS[step] if c != "prompt_len"]
+    columns = [c for c in STEP_COLUMNS[step] if c not in ("prompt_len", "prompt_messages", "extra")]
     lengths = {
         c: np.concatenate([pc.list_value_length(t.data.column(c)).to_numpy() for t, _ in parts])[order]
         for c in columns
@@ -336,3 +382,24 @@ def _describe(lengths: np.ndarray) -> dict:
         "p95": int(np.percentile(lengths, 95)),
         "max": int(lengths.max()),
     }
+
+
+def check_step_data(cfg, step: str, setting: str) -> None:
+    """Before a pipeline starts: at least one dataset of `cfg` can feed `step` (its format has the columns the
+    step needs, and the split gives the step rows), or a DataError naming the datasets and the fix."""
+    settings = cfg if isinstance(cfg, DataSettings) else DataSettings.of(cfg)
+    seen = []
+    for text in settings.datasets:
+        spec = parse_spec(text)
+        raw, fmt_name, fmt, _ = read_source(spec, settings, str(Path(settings.cache_dir) / "raw"))
+        share = len(step_part(len(raw), settings.data_split, spec.role, step, settings.seed))
+        if can_serve(fmt, raw.column_names, step) and share > 0:
+            return
+        seen.append(
+            f"{spec.path} (format {fmt_name}, columns {sorted(raw.column_names)}, {share} rows for it)"
+        )
+    need = " or ".join("+".join(alt) for alt in STEP_NEEDS[step])
+    raise DataError(
+        f"{setting}: no dataset can feed step '{step}', which needs {need}: {'; '.join(seen)}. Fix: add such data "
+        "to --data, give the step a share in --data-split, or change the steps that run"
+    )

@@ -9,7 +9,10 @@ whole conversation, which holds for the common templates; when not, a DataError 
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
+from pathlib import Path
 
 from .errors import DataError
 
@@ -39,6 +42,42 @@ def template_of(tokenizer) -> str:
     return FALLBACK_TEMPLATE
 
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's EOS plus the `eos_token_id`s of the model's
+    generation config beside it (Llama 3 ends turns at <|eot_id|> while its tokenizer's EOS is
+    <|end_of_text|>). Rollouts stop at these, and step 2 scores replies at the first of them."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    ids += _generation_eos_ids(str(getattr(tokenizer, "name_or_path", "") or ""))
+    return list(dict.fromkeys(ids))
+
+
+@functools.lru_cache(maxsize=64)
+def _generation_eos_ids(name_or_path: str) -> tuple[int, ...]:
+    path = Path(name_or_path).expanduser() / "generation_config.json"
+    if name_or_path and not path.is_file() and not Path(name_or_path).expanduser().exists():
+        path = _hub_cached_file(name_or_path, "generation_config.json")
+    if path is None or not path.is_file():
+        return ()
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, json.JSONDecodeError):
+        return ()
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+
+
+def _hub_cached_file(repo_id: str, filename: str) -> Path | None:
+    """A file of a hub model from the local HF cache only (never a download); None if absent."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # an invalid repo id, or no huggingface_hub: nothing cached then
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
 class ChatRenderer:
     """Token ids of prompts, replies and whole conversations, with per-token assistant masks."""
 
@@ -46,6 +85,7 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.template = template or template_of(tokenizer)
         self.eos_id = tokenizer.eos_token_id
+        self.stop_ids = end_of_turn_ids(tokenizer)
 
     def text(self, msgs: list[dict], generation_prompt: bool = False) -> str:
         if not msgs:
@@ -70,9 +110,16 @@ class ChatRenderer:
         head = self.text(prompt, generation_prompt=True)
         return self._reply_piece(self._suffix(self.text(prompt + reply), head, len(prompt)))
 
+    def scored_reply_ids(self, prompt: list[dict], reply: list[dict]) -> list[int]:
+        """reply_ids cut right after its first end-of-turn token: what a rollout ends with, so the reward
+        model is trained on the token step 3 scores (ChatML writes '\\n' after <|im_end|>)."""
+        ids = self.reply_ids(prompt, reply)
+        stop = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
+        return ids if stop is None else ids[: stop + 1]
+
     def _reply_piece(self, text: str) -> list[int]:
         ids = self.ids(text)
-        if self.eos_id is not None and self.eos_id not in ids:
+        if self.eos_id is not None and not any(t in self.stop_ids for t in ids):
             ids.append(self.eos_id)
         return ids
 

@@ -9,11 +9,14 @@ Truncation policy (max_prompt_length = P, max_length = L):
 Output rows (lists of ints):
   sft/ptx: input_ids (T,), labels (T,) with -100 where there is no loss
   reward:  chosen_input_ids (Tc,), rejected_input_ids (Tr,), prompt_len (shared prompt tokens)
-  ppo:     prompt_input_ids (P,), rendered with the generation prompt
+  ppo:     prompt_input_ids (P,), rendered with the generation prompt; prompt_messages (JSON of the
+           prompt's messages, for reward models with their own template and for reward functions) and
+           extra (JSON of the source row's other scalar columns, e.g. a reference answer)
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 
@@ -25,7 +28,7 @@ STEP_COLUMNS = {
     "sft": ("input_ids", "labels"),
     "ptx": ("input_ids", "labels"),
     "reward": ("chosen_input_ids", "rejected_input_ids", "prompt_len"),
-    "ppo": ("prompt_input_ids",),
+    "ppo": ("prompt_input_ids", "prompt_messages", "extra"),
 }
 
 
@@ -103,7 +106,7 @@ def reward_row(r: ChatRenderer, row: dict, lim: Limits, tally: Tally, source: st
     if room <= 0:
         tally["dropped_prompt_too_long"] += 1
         return []
-    chosen, rejected = (r.reply_ids(row["prompt"], row[k]) for k in ("chosen", "rejected"))
+    chosen, rejected = (r.scored_reply_ids(row["prompt"], row[k]) for k in ("chosen", "rejected"))
     pair_tally = Tally()
     chosen, rejected = (_right(x, room, pair_tally, "truncated_response") for x in (chosen, rejected))
     if pair_tally:
@@ -125,13 +128,9 @@ def ppo_row(r: ChatRenderer, row: dict, lim: Limits, tally: Tally, source: str) 
         raise row_error(
             source, row["row"], "prompt", "no prompt for the PPO step", "fill it, or mark the dataset ':sft'"
         )
-    return [
-        {
-            "prompt_input_ids": _left(
-                r.prompt_ids(row["prompt"]), lim.max_prompt_length, tally, "truncated_prompt"
-            )
-        }
-    ]
+    ids = _left(r.prompt_ids(row["prompt"]), lim.max_prompt_length, tally, "truncated_prompt")
+    messages = json.dumps(row["prompt"], ensure_ascii=False)
+    return [{"prompt_input_ids": ids, "prompt_messages": messages, "extra": row.get("extra") or "{}"}]
 
 
 def ptx_row(r: ChatRenderer, row: dict, lim: Limits, tally: Tally, source: str) -> list[dict]:

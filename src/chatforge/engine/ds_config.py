@@ -1,4 +1,4 @@
-"""Derive a DeepSpeed config dict from chatforge's typed EngineConfig (or merge a user's JSON)."""
+"""Derive a DeepSpeed config dict from a `ModelSpec` (or merge a user's JSON)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from pathlib import Path
 
 import torch
 
-from chatforge.config import ConfigError, EngineConfig
+from chatforge.config import ConfigError
 from chatforge.config.loader import deep_update
+
+from .spec import ModelSpec
 
 
 def resolve_precision(precision: str) -> str:
-    """'auto' -> bf16 on GPUs that support it, else fp32 (CPU bf16 is ~12x slower; fp16 is refused)."""
+    """'auto' -> bf16 on GPUs that support it, else fp32 (CPU bf16 is ~12x slower without AMX; fp16 is refused)."""
     if precision != "auto":
         if precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("engine.precision=fp16 is not supported on CPU; use fp32 (or bf16, slow)")
+            raise ConfigError("engine.precision=fp16 is not supported on CPU; use fp32 (or bf16)")
         return precision
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
@@ -28,25 +30,26 @@ def torch_dtype(precision: str) -> torch.dtype:
     ]
 
 
-def build_ds_config(
-    cfg: EngineConfig, micro_batch_size: int, gradient_accumulation_steps: int, train: bool = True
-) -> dict:
+def build_ds_config(spec: ModelSpec, micro_batch_size: int, gradient_accumulation_steps: int) -> dict:
     """The DeepSpeed config for one model. The optimizer is passed as a torch object, never named here:
-    naming one makes DeepSpeed build FusedAdam (minutes on CPU)."""
-    precision = resolve_precision(cfg.precision)
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.zero_stage >= 1 and cfg.offload_optimizer and train:
+    naming one makes DeepSpeed build FusedAdam (minutes on CPU). At ZeRO-0 the engine clips gradients itself
+    (one norm pass that also gives the logged norm), so DeepSpeed's clipping is off there."""
+    precision = resolve_precision(spec.precision)
+    train = spec.trainable
+    zero: dict = {"stage": spec.zero_stage}
+    if spec.zero_stage >= 1 and spec.offload and train:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if cfg.zero_stage == 3:
+    if spec.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         # Small models: keep tiny params resident instead of re-gathering them every forward.
         zero["stage3_param_persistence_threshold"] = 10_000
-        if cfg.offload_params:
+        if spec.offload:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    clip = spec.gradient_clipping if train and spec.zero_stage > 0 else 0.0
     ds = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
-        "gradient_clipping": cfg.gradient_clipping if train else 0.0,
+        "gradient_clipping": clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale_window": 100, "initial_scale_power": 16},
@@ -54,8 +57,8 @@ def build_ds_config(
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if cfg.deepspeed_config:
-        deep_update(ds, load_user_config(cfg.deepspeed_config))
+    if spec.deepspeed_config:
+        deep_update(ds, load_user_config(spec.deepspeed_config))
     return ds
 
 
@@ -70,8 +73,8 @@ def load_user_config(path: str) -> dict:
     if "optimizer" in user:
         raise ConfigError(
             f"engine.deepspeed_config: {p} names an optimizer; remove the 'optimizer' block "
-            "(chatforge passes AdamW / DeepSpeedCPUAdam itself and sets lr via optim.*)"
+            "(chatforge passes AdamW / DeepSpeedCPUAdam itself and sets the learning rate per model)"
         )
-    # Batch sizes come from train.*; a stale train_batch_size would contradict them.
+    # Batch sizes come from the command's batch settings; a stale train_batch_size would contradict them.
     user.pop("train_batch_size", None)
     return user

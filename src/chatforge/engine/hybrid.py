@@ -12,53 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections import Counter
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from .train_engine import TrainEngine
-
-# The deepspeed.comm backend methods that move parameters or gradients between ranks.
-_COLLECTIVES = (
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_base",
-    "all_gather_coalesced",
-    "all_reduce",
-    "broadcast",
-    "reduce_scatter_tensor",
-)
-
-
-@contextlib.contextmanager
-def count_collectives() -> Iterator[Counter]:
-    """Count the collectives DeepSpeed issues while active: `{method name: calls}`.
-
-    Wraps the methods of DeepSpeed's communication backend instance, which ZeRO-3's parameter
-    gathering goes through, so a test can assert on calls rather than on time.
-    """
-    from deepspeed.comm import comm as ds_comm
-
-    counts: Counter = Counter()
-    backend = ds_comm.cdb
-    originals = {name: getattr(backend, name) for name in _COLLECTIVES if hasattr(backend, name)}
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(backend, name, wrap(name, fn))
-    try:
-        yield counts
-    finally:
-        for name, fn in originals.items():
-            setattr(backend, name, fn)  # restores an outer counter's wrapper when nested
 
 
 def _is_deepspeed_hook(hook) -> bool:
@@ -135,17 +94,14 @@ def inference_mode(engine: TrainEngine) -> Iterator[nn.Module]:
     Collectives happen only on entry (one gather) and exit, never per token: every rank must enter and
     leave together, but may generate different numbers of tokens in between.
     """
-    was_training = engine.module.training
-    engine.eval()
+    engine._set_mode(False)
     try:
         with (
             torch.no_grad(),
             engine.gathered() as model,
-            zero3_hooks_bypassed(model, enabled=engine.cfg.zero_stage == 3),
+            zero3_hooks_bypassed(model, enabled=engine.spec.zero_stage == 3),
             lora_merged(model),
         ):
             yield model
     finally:
-        if was_training:
-            engine.train()
         release_memory()

@@ -6,7 +6,10 @@ import math
 
 import torch
 
-from chatforge.config import OptimConfig
+from .spec import ModelSpec
+
+BETAS = (0.9, 0.95)
+EPS = 1e-8
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -20,32 +23,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, offload: bool) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    betas = (cfg.betas[0], cfg.betas[1])
-    if offload:
+def build_optimizer(model: torch.nn.Module, spec: ModelSpec) -> torch.optim.Optimizer:
+    groups = param_groups(model, spec.weight_decay)
+    if spec.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, eps=cfg.eps)
+        return DeepSpeedCPUAdam(groups, lr=spec.learning_rate, betas=BETAS, eps=EPS, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=spec.learning_rate, betas=BETAS, eps=EPS)
 
 
-def lr_lambda(cfg: OptimConfig, total_steps: int):
+def lr_lambda(spec: ModelSpec, total_steps: int):
     """Multiplier of the peak lr at an optimizer step: linear warmup, then constant/linear/cosine decay."""
-    warmup = cfg.warmup(total_steps)
-    floor = cfg.min_lr_ratio
+    warmup = spec.warmup_steps(total_steps)
 
     def fn(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if cfg.lr_scheduler == "constant" or total_steps <= warmup:
+        if spec.lr_scheduler == "constant" or total_steps <= warmup:
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        shape = 1.0 - progress if cfg.lr_scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-        return floor + (1 - floor) * shape
+        return 1.0 - progress if spec.lr_scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
 
     return fn
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: ModelSpec, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))

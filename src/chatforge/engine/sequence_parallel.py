@@ -33,12 +33,12 @@ import torch
 import torch.distributed as tdist
 
 from chatforge.config import ConfigError
+from chatforge.data.tokenize import IGNORE_INDEX
 
 from .distributed import DistInfo
 
 ATTN_KEY = "chatforge_ulysses"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-IGNORE_INDEX = -100
 _ORIGINAL_ATTN = "_chatforge_attn_before_sp"
 # Extra forward kwarg (transformers passes unknown kwargs down to the attention function): the
 # (B, T) global padding mask, sent only when some row is not right-padded.
@@ -384,30 +384,23 @@ def sp_all_reduce(values: torch.Tensor, layout: SPLayout) -> torch.Tensor:
     return out
 
 
-def last_token_index(full_attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) global index of each row's last real token."""
-    t = full_attention_mask.shape[-1]
-    positions = torch.arange(t, device=full_attention_mask.device).expand_as(full_attention_mask)
-    return torch.where(full_attention_mask.bool(), positions, -1).max(dim=-1).values
+def gather_rows(x: torch.Tensor, layout: SPLayout, pad_value: float = 0) -> torch.Tensor:
+    """(b_r, L_r, ...) rows of each SP rank -> (sum of b_r, max L_r, ...) on every rank of the group, in
+    SP-rank order, dim 1 right padded with `pad_value` (1-D tensors are only concatenated).
 
-
-def sharded_last_token_scores(local_values: torch.Tensor, local: dict, layout: SPLayout) -> torch.Tensor:
-    """(B, T/P) per-token values of a shard -> (B,) value at each row's last real token, on every SP rank.
-
-    The shard holding that token supplies it; the others receive it through the gather."""
-    full = gather_sequence(local_values, layout)
-    idx = last_token_index(local["sp_full_attention_mask"]).to(full.device)
-    return full.gather(1, idx.unsqueeze(1)).squeeze(1)
-
-
-def sp_sequence_scores(model: torch.nn.Module, local: dict, layout: SPLayout, forward) -> torch.Tensor:
-    """(B,) reward-model scores of a sharded batch (the SP form of `models.value.sequence_scores`)."""
-    from chatforge.models.value import token_values
-
-    values = token_values(
-        model,
-        local["input_ids"],
-        local["attention_mask"],
-        forward=lambda **_: forward(**sp_model_inputs(local)),
-    )
-    return sharded_last_token_scores(values, local, layout)
+    Step 3 under Ulysses: each rank of a group samples part of the group's rollouts (generation runs on
+    whole sequences), then every rank holds all of them, as its sharded training forwards need."""
+    if not layout.enabled:
+        return x
+    shape = torch.tensor([x.shape[0], x.shape[1] if x.dim() > 1 else 0], device=x.device)
+    sizes = [torch.empty_like(shape) for _ in range(layout.size)]
+    tdist.all_gather(sizes, shape, group=layout.group)
+    rows, width = max(int(s[0]) for s in sizes), max(int(s[1]) for s in sizes)
+    padded = x.new_full((rows, *([width] if x.dim() > 1 else []), *x.shape[2:]), pad_value)
+    if x.dim() > 1:
+        padded[: x.shape[0], : x.shape[1]] = x
+    else:
+        padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(layout.size)]
+    tdist.all_gather(parts, padded.contiguous(), group=layout.group)
+    return torch.cat([p[: int(s[0])] for p, s in zip(parts, sizes)])

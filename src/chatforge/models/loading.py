@@ -1,79 +1,186 @@
-"""Load tokenizers and models from hub names or local dirs, ready for training."""
+"""Load tokenizers and models from hub names or local dirs, ready for training, with one-line errors."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from chatforge.config import ModelConfig
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer cannot be loaded as asked; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How every model of a command is built (from the config's `engine` section)."""
+
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    dropout: bool = False
+    """Keep the checkpoint's dropout; False removes every dropout (see `remove_dropout`)."""
+
+
+def check_model_source(name_or_path: str) -> None:
+    """A local-looking path must be a model dir; anything else is treated as a hub name."""
+    p = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or p.exists()
+    if not looks_local:
+        return
+    if not p.exists():
+        raise ModelLoadError(f"model dir {name_or_path} does not exist: check the path (or give a hub name)")
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        raise ModelLoadError(
+            f"{name_or_path} is not a Hugging Face model dir (no config.json): point to the dir a training "
+            "step wrote (e.g. DIR/actor-sft) or give a hub name"
+        )
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """A tokenizer with a pad token (pad = eos when the model has none, as for Llama and GPT-2)."""
+    """A tokenizer with a pad token (pad = eos when the model has none, as for Llama 3 and GPT-2)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    check_model_source(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_explain_load_error(name_or_path, "tokenizer", exc)) from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
-            raise ValueError(f"tokenizer {name_or_path} has neither a pad nor an eos token; add one")
+            raise ModelLoadError(f"tokenizer {name_or_path} has neither a pad nor an eos token; add one")
         tok.pad_token = tok.eos_token
     return tok
 
 
-def _common_kwargs(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    kwargs = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+def _explain_load_error(name: str, what: str, exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "trust_remote_code" in str(exc):
+        return f"{name} needs its own modelling code: set engine.trust_remote_code=true if you trust it"
+    if Path(name).expanduser().is_dir():
+        return f"cannot load the {what} in {name}: {text}. Fix: re-export it (the dir may be incomplete)"
+    return (
+        f"cannot load the {what} {name!r} ({text}). Fix: check the name, or that it is in the local "
+        "Hugging Face cache when offline"
+    )
+
+
+def _kwargs(opts: LoadOptions, dtype: torch.dtype) -> dict:
+    kwargs = {"dtype": dtype, "trust_remote_code": opts.trust_remote_code}
+    if opts.attn_implementation:
+        kwargs["attn_implementation"] = opts.attn_implementation
     return kwargs
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Zero every dropout probability: RLHF log-prob ratios must not be noise from dropout masks."""
+def remove_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0, wherever a family keeps it.
+
+    `nn.Dropout` modules are not enough: Llama, Qwen2 and OPT copy the rate into float attributes at init
+    (`self.attention_dropout`, `self.dropout`, `self.activation_dropout`, OPT's `layerdrop`) and call
+    `F.dropout(..., training=self.training)`. So every float attribute whose name mentions "drop" is zeroed,
+    and the config's fields too (for modules built later). `engine.check_no_dropout` verifies the result.
+    """
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and "drop" in name.lower():
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
-    for key in ("dropout", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if config is not None and isinstance(getattr(config, key, None), float):
-            setattr(config, key, 0.0)
+    if config is not None:
+        for name, value in list(vars(config).items()):
+            if isinstance(value, float) and "drop" in name.lower():
+                setattr(config, name, 0.0)
 
 
-def _check_exists(name_or_path: str) -> None:
-    p = Path(name_or_path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or p.exists()
-    if looks_local and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"model dir {name_or_path} has no config.json: pass a Hugging Face model dir or a hub name"
-        )
-
-
-def load_causal_lm(cfg: ModelConfig, dtype: torch.dtype, pad_token_id: int | None = None):
+def load_causal_lm(name_or_path: str, opts: LoadOptions, dtype: torch.dtype, pad_token_id: int | None = None):
     from transformers import AutoModelForCausalLM
 
-    _check_exists(cfg.name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_common_kwargs(cfg, dtype))
-    _finish(model, cfg, pad_token_id)
+    check_model_source(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **_kwargs(opts, dtype))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_explain_load_error(name_or_path, "model", exc)) from None
+    _finish(model, opts, pad_token_id)
     return model
 
 
-def load_scorer(cfg: ModelConfig, dtype: torch.dtype, pad_token_id: int | None = None):
-    """A sequence-classification model with one output (reward model or critic).
+REWARD_HEADS_KEY = "chatforge_reward_heads"
 
-    A causal-LM checkpoint works too: transformers keeps the backbone and initialises a fresh `score` head.
-    """
+
+def load_scorer(
+    name_or_path: str, opts: LoadOptions, dtype: torch.dtype, pad_token_id: int | None = None,
+    heads: int | None = None,
+):  # fmt: skip
+    """A sequence-classification model: a reward model (ensemble heads) or a critic.
+
+    `heads=None` loads a frozen reward model as it was trained: its score head must exist (1 output, or
+    the K heads of a chatforge ensemble). With `heads=K` (training), a causal-LM checkpoint or one with
+    another head count gets a fresh K-output head on its backbone, said in one line instead of
+    transformers' table of missing and unexpected keys."""
+    from transformers import AutoConfig
+
+    check_model_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=opts.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_explain_load_error(name_or_path, "model", exc)) from None
+    trained_heads = _reward_heads(config)
+    if heads is None:
+        if trained_heads is None:
+            raise ModelLoadError(
+                f"{name_or_path} is not a reward model (architectures {getattr(config, 'architectures', None)}, "
+                f"num_labels={getattr(config, 'num_labels', None)}): give the dir step 2 wrote (DIR/reward), "
+                "or a sequence-classification model with one output"
+            )
+        heads = trained_heads
+    elif trained_heads != heads:
+        import logging
+
+        logging.getLogger("chatforge").info(
+            "%s: a new %d-output score head on its backbone (expected when training from a causal LM)",
+            name_or_path, heads,
+        )  # fmt: skip
+    config.num_labels = heads
+    setattr(config, REWARD_HEADS_KEY, heads)
+    model = _from_pretrained_quietly(name_or_path, config, opts, dtype)
+    _finish(model, opts, pad_token_id)
+    return model
+
+
+def _reward_heads(config) -> int | None:
+    """Score heads of a checkpoint: a chatforge ensemble's count, 1 for a one-output classifier, else None."""
+    if not _is_scorer(config):
+        return None
+    if getattr(config, REWARD_HEADS_KEY, None):
+        return int(getattr(config, REWARD_HEADS_KEY))
+    return 1 if getattr(config, "num_labels", None) == 1 else None
+
+
+def _from_pretrained_quietly(name_or_path: str, config, opts: LoadOptions, dtype: torch.dtype):
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
-    _check_exists(cfg.name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.name_or_path, num_labels=1, **_common_kwargs(cfg, dtype)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the expected "newly initialized score" report
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, ignore_mismatched_sizes=True, **_kwargs(opts, dtype)
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_explain_load_error(name_or_path, "model", exc)) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _is_scorer(config) -> bool:
+    return any(
+        a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])
     )
-    _finish(model, cfg, pad_token_id)
-    return model
 
 
-def _finish(model, cfg: ModelConfig, pad_token_id: int | None) -> None:
+def _finish(model, opts: LoadOptions, pad_token_id: int | None) -> None:
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
-    if cfg.disable_dropout:
-        disable_dropout(model)
+    if not opts.dropout:
+        remove_dropout(model)

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from chatforge.config import LoRAConfig
-
 SCORE_HEADS = ("score",)
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, trainable_heads: tuple[str, ...] = ()):
-    """Wrap `model` with peft LoRA adapters. `trainable_heads` (e.g. a reward model's `score`) are
-    trained in full beside the adapters, since a fresh head cannot be learned through a low-rank delta."""
+def apply_lora(model: torch.nn.Module, r: int, alpha: float, trainable_heads: tuple[str, ...] = ()):
+    """Wrap `model` with peft LoRA adapters of rank `r` on every linear layer but the output head.
+    `trainable_heads` (e.g. a reward model's `score`) are trained in full beside the adapters, since a fresh
+    head cannot be learned through a low-rank delta. No LoRA dropout: RL ratios must not be noise."""
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.target_modules
-    target = "all-linear" if targets == ["all-linear"] else list(targets)
     peft_cfg = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=target,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules="all-linear",
         modules_to_save=list(trainable_heads) or None,
         exclude_modules=list(trainable_heads) or None,
     )

@@ -21,29 +21,58 @@ DEMO_SETTINGS = [
     "deployment_type=cpu",
     "reward_model=sft",
     "data.eval_fraction=0.05",
-    "sft.train.micro_batch_size=16",
-    "sft.train.epochs=5",
-    "sft.optim.learning_rate=3e-3",
-    "sft.optim.warmup_ratio=0.05",
+    "sft.batch.micro_batch_size=16",
+    "sft.batch.epochs=5",
+    "sft.model.learning_rate=3e-3",
+    "sft.optim.warmup=0.05",
     "sft.train.eval_every=50",
-    "reward.train.micro_batch_size=16",
-    "reward.train.epochs=4",
-    "reward.optim.learning_rate=1e-3",
+    "reward.batch.micro_batch_size=16",
+    "reward.batch.epochs=4",
+    "reward.model.learning_rate=1e-3",
     "reward.train.eval_every=50",
     "ppo.train.max_steps=120",
-    "ppo.train.rollout_batch_size=32",
-    "ppo.train.eval_prompts=64",
+    "ppo.rollout.batch_size=32",
+    "ppo.rollout.max_new_tokens=12",
+    "ppo.eval.prompts=64",
     "ppo.train.eval_every=20",
-    "ppo.generation.max_new_tokens=12",
-    "ppo.actor_optim.learning_rate=3e-4",
-    "ppo.critic_optim.learning_rate=5e-4",
-    "ppo.ppo.ppo_epochs=4",
-    "ppo.ppo.num_minibatches=2",
-    "ppo.ppo.kl_coef=0.02",
-    "ppo.ppo.lam=1.0",
-    "ppo.ppo.normalize_reward=true",
-    "ppo.train.task_check=chatforge.fixtures.task:is_correct",
+    "ppo.actor.learning_rate=3e-4",
+    "ppo.critic.learning_rate=5e-4",
+    "ppo.algorithm.epochs=4",
+    "ppo.algorithm.num_minibatches=2",
+    "ppo.algorithm.kl_coef=0.02",
+    "ppo.algorithm.lam=1.0",
+    "ppo.eval.gold=[chatforge.fixtures.task:is_correct]",
 ]
+# Critic-free estimators on the task's rule reward: no reward model, so no step 2.
+RULE_SETTINGS = [
+    "reward_model=none",
+    "ppo.reward.functions=[chatforge.fixtures.task:is_correct]",
+    "ppo.rollout.batch_size=8",
+    "ppo.rollout.n_samples_per_prompt=4",
+]
+DPO_SETTINGS = [
+    "mode=dpo",
+    "dpo.batch.micro_batch_size=16",
+    "dpo.batch.epochs=1",
+    "dpo.policy.learning_rate=1e-4",
+    "dpo.dpo.beta=0.1",
+]
+
+
+def demo_settings(algorithm: str) -> list[str]:
+    """The overrides of `chatforge demo --algorithm NAME`."""
+    if algorithm == "dpo":
+        return [
+            s for s in DEMO_SETTINGS if not s.startswith(("ppo.", "reward.", "reward_model"))
+        ] + DPO_SETTINGS
+    if algorithm == "ppo":
+        return list(DEMO_SETTINGS)
+    keep = [
+        s
+        for s in DEMO_SETTINGS
+        if not s.startswith(("reward.", "reward_model", "ppo.critic", "ppo.rollout.batch_size"))
+    ]
+    return keep + RULE_SETTINGS + [f"ppo.algorithm.name={algorithm}"]
 
 
 def prepare(out: Path) -> tuple[Path, Path]:
@@ -79,21 +108,28 @@ def evaluate(model_dir: Path, seed: int = 7) -> dict:
         result[f"accuracy_{name}"] = sum(is_correct(p.question, r) for p, r in zip(problems, replies)) / len(
             problems
         )
-        result[f"examples_{name}"] = [(p.question, r) for p, r in zip(problems[:3], replies[:3])]
+        result[f"examples_{name}"] = [(p.question, r) for p, r in zip(problems, replies)]
     return result
 
 
-def print_side_by_side(sft: dict, rlhf: dict) -> None:
-    print("\n=== conversations (sampled, temperature 1) ===")
-    for (q, a_sft), (_, a_rl) in zip(sft["examples_sampled"], rlhf["examples_sampled"]):
-        print(f"user:        {q}\n  SFT:       {a_sft}\n  RLHF:      {a_rl}")
+def print_side_by_side(sft: dict, rlhf: dict, shown: int = 3) -> None:
+    """Conversations where the two models answer differently (greedy), then the accuracy table."""
+    from chatforge.fixtures.task import is_correct
+
+    pairs = [(q, a, b) for (q, a), (_, b) in zip(sft["examples_greedy"], rlhf["examples_greedy"]) if a != b]
+    print(
+        f"\n=== conversations where SFT and the final model differ (greedy; {len(pairs)} of {EVAL_PROBLEMS}) ==="
+    )
+    for q, a_sft, a_rl in pairs[:shown]:
+        mark = lambda a, q=q: "right" if is_correct(q, a) else "wrong"  # noqa: E731
+        print(f"user:        {q}\n  SFT:       {a_sft}  ({mark(a_sft)})\n  final:     {a_rl}  ({mark(a_rl)})")
     print("\n=== task accuracy on held-out problems ===")
-    print(f"{'':10s}{'SFT':>10s}{'RLHF':>10s}")
+    print(f"{'':10s}{'SFT':>10s}{'final':>10s}")
     for kind in ("greedy", "sampled"):
         print(f"{kind:10s}{sft[f'accuracy_{kind}']:>10.1%}{rlhf[f'accuracy_{kind}']:>10.1%}")
 
 
-def run_demo(output_dir: str = "demo-output", fresh: bool = False) -> int:
+def run_demo(output_dir: str = "demo-output", fresh: bool = False, algorithm: str = "ppo") -> int:
     from chatforge.pipeline import load_pipeline_config, run_pipeline
     from chatforge.report import build_report
 
@@ -102,21 +138,29 @@ def run_demo(output_dir: str = "demo-output", fresh: bool = False) -> int:
         shutil.rmtree(out)
     start = time.time()
     model, data = prepare(out)
-    overrides = [*DEMO_SETTINGS, f"actor_model={model}", f"data.datasets=[{data}]", f"output_dir={out}"]
+    overrides = [
+        *demo_settings(algorithm),
+        f"actor_model={model}",
+        f"data.datasets=[{data}]",
+        f"output_dir={out}",
+    ]
     cfg, deployment = load_pipeline_config(None, overrides)
     cfg.report = False  # written below, with the demo summary in it
     layout = run_pipeline(cfg, deployment)
-    sft, rlhf = evaluate(layout.actor_sft), evaluate(layout.actor_rlhf)
+    final = layout.output(max(layout.names))
+    sft, rlhf = evaluate(layout.actor_sft), evaluate(final)
     print_side_by_side(sft, rlhf)
     summary = {
         "task": f"arithmetic, operands 0..{MAX_OPERAND}, {EVAL_PROBLEMS} held-out problems",
+        "algorithm": algorithm,
         "sft": {k: v for k, v in sft.items() if k.startswith("accuracy")},
         "rlhf": {k: v for k, v in rlhf.items() if k.startswith("accuracy")},
         "minutes": round((time.time() - start) / 60, 2),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     report = build_report(out)
-    print(f"\nmodels: {layout.actor_sft}  {layout.reward}  {layout.actor_rlhf}  {layout.actor_rlhf_ema}")
-    print(f"report: {report}\nchat:   chatforge chat --model {layout.actor_rlhf}")
+    models = [p for p in (layout.actor_sft, layout.reward, final, Path(f"{final}-ema")) if p.is_dir()]
+    print(f"\nmodels: {'  '.join(map(str, models))}")
+    print(f"report: {report}\nchat:   chatforge chat --model {final}")
     print(f"total:  {summary['minutes']} min")
     return 0

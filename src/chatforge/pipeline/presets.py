@@ -52,7 +52,15 @@ def count_parameters(name_or_path: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name_or_path)
+    from chatforge.models.loading import ModelLoadError, check_model_source
+
+    check_model_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot read the config of {name_or_path!r} to size the run: {str(exc).splitlines()[0]}"
+        ) from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
@@ -126,9 +134,20 @@ def measured_memory() -> tuple[int, int]:
     return gpu, ram
 
 
-def choose(name: str, actor_model: str, reward_model: str) -> Deployment:
+def choose(name: str, actor_model: str, reward_model: str, num_processes: int | None = None) -> Deployment:
+    """The preset `name` (or the measured `auto` plan); `num_processes` overrides its process count (several
+    processes on a single-process preset run under torchrun)."""
+    import dataclasses
+
     gpus = gpu_count()
     if name != "auto":
-        return preset(name, gpus)
-    gpu_bytes, ram_bytes = measured_memory()
-    return auto(count_parameters(actor_model), count_parameters(reward_model), gpus, gpu_bytes, ram_bytes)
+        dep = preset(name, gpus)
+    else:
+        gpu_bytes, ram_bytes = measured_memory()
+        dep = auto(count_parameters(actor_model), count_parameters(reward_model), gpus, gpu_bytes, ram_bytes)
+    if num_processes is None or num_processes == dep.processes:
+        return dep
+    launcher = dep.launcher if dep.launcher != "none" or num_processes == 1 else "torchrun"
+    return dataclasses.replace(
+        dep, processes=num_processes, launcher=launcher, reason=f"{dep.reason}; num_processes={num_processes}"
+    )

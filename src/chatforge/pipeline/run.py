@@ -1,11 +1,12 @@
-"""Run steps 1-3 in order, each step's output feeding the next; rerunning skips finished steps and
-resumes an interrupted one. Each step runs in its own process group (under the deployment's launcher),
-so its memory is returned before the next step starts."""
+"""Run the steps in order, each step's output feeding the next; rerunning skips finished steps and resumes an
+interrupted one, but only when the step would be made from the same inputs. Each step runs in its own process
+group (under the deployment's launcher), so its memory is returned before the next step starts."""
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,41 +14,50 @@ from pathlib import Path
 
 from chatforge.config import ConfigError, load_config, save_yaml
 
-from .config import PipelineConfig
+from .config import PipelineConfig, refuse_filled
+from .inputs import check_rerun, made_from, write_made_from
 from .presets import Deployment, choose
 
-STEP_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
+OUTPUTS = {"sft": "actor-sft", "reward": "reward", "dpo": "actor-dpo", "ppo": "actor-rlhf"}
 
 
 class PipelineError(RuntimeError):
-    """A step failed; the message says which and how to resume."""
+    """A step failed; the message says which and whether resuming can help."""
+
+
+class BadStepInput(ConfigError):
+    """A step stopped on bad input (its own one-line error); resuming cannot help."""
 
 
 @dataclass(frozen=True)
 class Layout:
     root: Path
+    names: dict[int, str]
+
+    def output(self, step: int) -> Path:
+        return self.root / OUTPUTS[self.names[step]]
 
     @property
     def actor_sft(self) -> Path:
-        return self.root / "actor-sft"
+        return self.root / OUTPUTS["sft"]
 
     @property
     def reward(self) -> Path:
-        return self.root / "reward"
+        return self.root / OUTPUTS["reward"]
 
     @property
     def actor_rlhf(self) -> Path:
-        return self.root / "actor-rlhf"
+        return self.root / OUTPUTS["ppo"]
 
     @property
     def actor_rlhf_ema(self) -> Path:
-        return self.root / "actor-rlhf-ema"
+        return self.root / f"{OUTPUTS['ppo']}-ema"
 
     def run_dir(self, step: int) -> Path:
-        return self.root / "runs" / STEP_NAMES[step]
+        return self.root / "runs" / self.names[step]
 
     def step_config(self, step: int) -> Path:
-        return self.root / "configs" / f"step{step}-{STEP_NAMES[step]}.yaml"
+        return self.root / "configs" / f"step{step}-{self.names[step]}.yaml"
 
     def done(self, step: int) -> bool:
         return (self.run_dir(step) / "DONE").is_file()
@@ -55,77 +65,170 @@ class Layout:
 
 def load_pipeline_config(path: str | None, overrides: list[str]) -> tuple[PipelineConfig, Deployment]:
     """Defaults <- deployment preset <- YAML <- overrides: the preset fills engine settings, and the
-    user's own values (file or command line) always win."""
+    user's own values (file or command line) always win. Keys the pipeline fills itself are refused."""
+    import yaml
+
+    if path is not None and Path(path).is_file():
+        refuse_filled([], yaml.safe_load(Path(path).read_text()) or {})
+    refuse_filled(overrides, {})
     first = load_config(PipelineConfig, path, overrides)
-    reward_model = first.reward_model if first.reward_model not in ("", "sft") else first.actor_model
-    deployment = choose(first.deployment_type, first.actor_model, reward_model)
+    reward_model = first.reward_model if first.reward_model not in ("", "sft", "none") else first.actor_model
+    deployment = choose(first.deployment_type, first.actor_model, reward_model, first.num_processes)
     cfg = load_config(PipelineConfig, path, overrides, base=preset_overrides(deployment))
-    if cfg.actor_zero_stage is not None or cfg.reward_zero_stage is not None:
-        _apply_stages(cfg, cfg.actor_zero_stage, cfg.reward_zero_stage)
+    _apply_stages(cfg, cfg.actor_zero_stage, cfg.reward_zero_stage)
     return cfg, deployment
 
 
 def preset_overrides(dep: Deployment) -> dict:
     """The preset as a nested dict of step settings (so explicit user values override it)."""
 
-    def engine(stage: int, trained: bool) -> dict:
-        out = {"zero_stage": stage}
-        if trained and dep.offload and stage >= 1:
-            out["offload_optimizer"] = True
-        if trained and dep.lora_r:
-            out["lora"] = {"r": dep.lora_r}
-        return out
+    def model(stage: int) -> dict:
+        return {"zero_stage": stage, **({"lora_r": dep.lora_r} if dep.lora_r else {})}
 
+    engine = {"offload": True} if dep.offload else {}
     return {
-        "sft": {"engine": engine(dep.actor_zero, True)},
-        "reward": {"engine": engine(dep.reward_zero, True)},
+        "sft": {"model": model(dep.actor_zero), "engine": engine},
+        "reward": {"model": model(dep.reward_zero), "engine": engine},
+        "dpo": {"policy": model(dep.actor_zero), "engine": engine},
         "ppo": {
-            "actor_engine": engine(dep.actor_zero, True),
-            "ref_engine": engine(dep.actor_zero, False),
-            "critic_engine": engine(dep.reward_zero, True),
-            "reward_engine": engine(dep.reward_zero, False),
+            "actor": model(dep.actor_zero), "critic": model(dep.reward_zero), "engine": engine,
+            "ema": {"decay": 0.992},  # the pipeline writes DIR/actor-rlhf-ema unless decay=0 is asked
         },
-    }
+    }  # fmt: skip
 
 
 def _apply_stages(cfg: PipelineConfig, actor: int | None, reward: int | None) -> None:
     if actor is not None:
-        cfg.sft.engine.zero_stage = cfg.ppo.actor_engine.zero_stage = cfg.ppo.ref_engine.zero_stage = actor
+        cfg.sft.model.zero_stage = cfg.ppo.actor.zero_stage = cfg.dpo.policy.zero_stage = actor
     if reward is not None:
-        cfg.reward.engine.zero_stage = cfg.ppo.critic_engine.zero_stage = reward
-        cfg.ppo.reward_engine.zero_stage = reward
+        cfg.reward.model.zero_stage = cfg.ppo.critic.zero_stage = reward
 
 
 def step_configs(cfg: PipelineConfig, layout: Layout) -> dict[int, object]:
     """Each step's full config, wired to the previous step's output."""
-    sft, reward, ppo = copy.deepcopy(cfg.sft), copy.deepcopy(cfg.reward), copy.deepcopy(cfg.ppo)
-    sft.model.name_or_path = cfg.actor_model
-    sft.data = copy.deepcopy(cfg.data)
-    sft.train.output_dir, sft.train.final_model_dir, sft.train.resume = (
-        str(layout.run_dir(1)),
-        str(layout.actor_sft),
-        True,
+    configs: dict[int, object] = {}
+    for step, name in layout.names.items():
+        step_cfg = copy.deepcopy(getattr(cfg, name))
+        step_cfg.data = _data_for(cfg.data, type(step_cfg.data))
+        t = step_cfg.train
+        t.output_dir, t.final_model_dir, t.resume, t.seed = (
+            str(layout.run_dir(step)),
+            str(layout.output(step)),
+            True,
+            cfg.seed,
+        )
+        configs[step] = step_cfg
+    configs[1].model.name_or_path = cfg.actor_model
+    sft_out = str(layout.actor_sft)
+    if cfg.mode == "dpo":
+        configs[2].policy.name_or_path = configs[2].ref.name_or_path = sft_out
+        return configs
+    reward = configs[2]
+    reward.model.name_or_path = (
+        sft_out if cfg.reward_model == "sft" else (cfg.reward_model or cfg.actor_model)
     )
-    if cfg.reward_model == "sft":
-        reward.model.name_or_path = str(layout.actor_sft)
-    else:
-        reward.model.name_or_path = cfg.reward_model or cfg.actor_model
-    reward.data = copy.deepcopy(cfg.data)
-    reward.train.output_dir, reward.train.final_model_dir = str(layout.run_dir(2)), str(layout.reward)
-    reward.train.resume = True
-    ppo.actor.name_or_path, ppo.reward.name_or_path = str(layout.actor_sft), str(layout.reward)
-    ppo.critic.name_or_path = ppo.critic.name_or_path or str(layout.reward)
-    ppo.ref.name_or_path = ppo.ref.name_or_path or str(layout.actor_sft)
-    ppo.data = copy.deepcopy(cfg.data)
-    ppo.ema.enabled = True  # the pipeline promises DIR/actor-rlhf-ema
-    t = ppo.train
-    t.output_dir, t.final_model_dir, t.ema_model_dir = (
-        str(layout.run_dir(3)),
-        str(layout.actor_rlhf),
-        str(layout.actor_rlhf_ema),
-    )
-    t.resume = True
-    return {1: sft, 2: reward, 3: ppo}
+    ppo = configs[3]
+    ppo.actor.name_or_path = sft_out
+    ppo.ref.name_or_path = ppo.ref.name_or_path or sft_out
+    if cfg.uses_reward_model:
+        ppo.reward.models = [str(layout.reward), *ppo.reward.models]
+    if not cfg.uses_reward_model:
+        configs.pop(2)
+    return configs
+
+
+def _data_for(shared, cls):
+    """The shared data section as a step's own data class (the fields that step reads)."""
+    names = set(cls.__dataclass_fields__)
+    return cls(**{k: copy.deepcopy(v) for k, v in vars(shared).items() if k in names})
+
+
+def validate_all(cfg: PipelineConfig, configs: dict[int, object], layout: Layout) -> None:
+    """Every step's settings and data, checked before step 1 starts: a typo in a step-3 setting or a data
+    file that cannot feed a later step fails now, not after hours of training."""
+    from chatforge.data.pipeline import check_step_data
+
+    for step, step_cfg in configs.items():
+        name = layout.names[step]
+        _validate_step(step_cfg, name)
+        check_step_data(
+            cfg.data, {"sft": "sft", "reward": "reward", "dpo": "reward", "ppo": "ppo"}[name], name
+        )
+        if name == "ppo" and step_cfg.ptx.coef > 0:
+            check_step_data(step_cfg.ptx, "ptx", "ppo.ptx")
+
+
+def _validate_step(step_cfg, name: str) -> None:
+    try:
+        step_cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def run_pipeline(cfg: PipelineConfig, dep: Deployment, restart_from: int | None = None) -> Layout:
+    """Validate everything, check a rerun against what the finished steps were made from, then run the
+    steps. `restart_from=N` deletes the run dirs and outputs of steps N and later first (a new run of them)."""
+    layout = Layout(Path(cfg.output_dir), cfg.step_names)
+    configs = step_configs(cfg, layout)
+    steps = [s for s in cfg.selected_steps if s in configs]
+    validate_all(cfg, {s: configs[s] for s in steps}, layout)
+    if restart_from is not None:
+        for step in (s for s in layout.names if s >= restart_from):
+            for path in (layout.run_dir(step), layout.output(step), Path(f"{layout.output(step)}-ema")):
+                shutil.rmtree(path, ignore_errors=True)
+    records = {s: made_from(configs[s], layout.names[s], internal=layout.root) for s in steps}
+    for step in steps:
+        check_rerun(layout.run_dir(step), layout.names[step], records[step], layout.done(step))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, layout.root / "config.yaml")
+    print(f"deployment: {dep.name} -- {dep.reason}")
+    print(f"  processes={dep.processes} launcher={dep.launcher} actor ZeRO-{cfg.sft.model.zero_stage} "
+          f"reward ZeRO-{cfg.reward.model.zero_stage} offload={dep.offload} lora_r={cfg.sft.model.lora_r}")  # fmt: skip
+    for step in steps:
+        _run_step(step, configs[step], records[step], dep, cfg.hostfile, layout)
+    if cfg.report:
+        from chatforge.report import build_report
+
+        print(f"report: {build_report(layout.root)}")
+    return layout
+
+
+def _run_step(
+    step: int, step_cfg, record: dict, dep: Deployment, hostfile: str | None, layout: Layout
+) -> None:
+    name = layout.names[step]
+    if layout.done(step):
+        print(f"step {step} ({name}): already finished from the same inputs, skipping")
+        return
+    _check_inputs(step_cfg, name)
+    path = layout.step_config(step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_yaml(step_cfg, path)
+    layout.run_dir(step).mkdir(parents=True, exist_ok=True)
+    write_made_from(layout.run_dir(step), record)
+    cmd = [*launcher_prefix(dep, hostfile), "chatforge.cli", name, "--config", str(path)]
+    print(f"step {step} ({name}): {' '.join(cmd)}", flush=True)
+    error_file = layout.run_dir(step) / "ERROR"
+    error_file.unlink(missing_ok=True)
+    env = {**os.environ, "CHATFORGE_PIPELINE_STEP": str(step), "CHATFORGE_ERROR_FILE": str(error_file)}
+    code = subprocess.call(cmd, env=env)
+    if code != 0 and error_file.is_file():
+        raise BadStepInput(f"step {step} ({name}): {error_file.read_text().strip()}")
+    if code != 0 or not layout.done(step):
+        raise PipelineError(
+            f"step {step} ({name}) failed (exit code {code}); see the log above and {layout.run_dir(step)}. "
+            "Rerun the same command to resume from its last checkpoint."
+        )
+
+
+def _check_inputs(step_cfg, name: str) -> None:
+    """The model dirs an earlier step wrote must exist by now."""
+    paths = {"dpo": lambda: [step_cfg.policy.name_or_path], "ppo": lambda: [step_cfg.actor.name_or_path]}
+    for path in paths.get(name, list)():
+        if not (Path(path) / "config.json").is_file():
+            raise ConfigError(
+                f"step {name} needs {path} (an earlier step's output); run the earlier steps first"
+            )
 
 
 def launcher_prefix(dep: Deployment, hostfile: str | None) -> list[str]:
@@ -134,59 +237,10 @@ def launcher_prefix(dep: Deployment, hostfile: str | None) -> list[str]:
         return [sys.executable, "-m"]
     if dep.launcher == "torchrun":
         return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={dep.processes}",
-            f"--master_port={_free_port()}",
-            "-m",
-        ]
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={dep.processes}",
+            f"--master_port={_free_port()}", "-m",
+        ]  # fmt: skip
     return ["deepspeed", f"--hostfile={hostfile}", "--no_local_rank", "--module"]
-
-
-def run_pipeline(cfg: PipelineConfig, dep: Deployment) -> Layout:
-    layout = Layout(Path(cfg.output_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, layout.root / "config.yaml")
-    print(f"deployment: {dep.name} -- {dep.reason}")
-    print(f"  processes={dep.processes} launcher={dep.launcher} actor ZeRO-{cfg.sft.engine.zero_stage} "
-          f"reward ZeRO-{cfg.reward.engine.zero_stage} offload={dep.offload} lora_r={cfg.sft.engine.lora.r}")  # fmt: skip
-    configs = step_configs(cfg, layout)
-    for step in sorted(cfg.steps):
-        _run_step(step, configs[step], dep, cfg.hostfile, layout)
-    if cfg.report:
-        from chatforge.report import build_report
-
-        print(f"report: {build_report(layout.root)}")
-    return layout
-
-
-def _run_step(step: int, step_cfg, dep: Deployment, hostfile: str | None, layout: Layout) -> None:
-    name = STEP_NAMES[step]
-    if layout.done(step):
-        print(f"step {step} ({name}): already finished, skipping (delete {layout.run_dir(step)} to redo it)")
-        return
-    _check_inputs(step, layout)
-    path = layout.step_config(step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_yaml(step_cfg, path)
-    cmd = [*launcher_prefix(dep, hostfile), "chatforge.cli", name, "--config", str(path)]
-    print(f"step {step} ({name}): {' '.join(cmd)}", flush=True)
-    code = subprocess.call(cmd, env={**os.environ, "CHATFORGE_PIPELINE_STEP": str(step)})
-    if code != 0 or not layout.done(step):
-        raise PipelineError(
-            f"step {step} ({name}) failed (exit code {code}); see the log above and {layout.run_dir(step)}. "
-            "Rerun the same command to resume from its last checkpoint."
-        )
-
-
-def _check_inputs(step: int, layout: Layout) -> None:
-    needs = {2: [], 3: [layout.actor_sft, layout.reward]}.get(step, [])
-    for path in needs:
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"step {step} needs {path} (from an earlier step); run with --step 1 2 3 or point to it"
-            )
 
 
 def _free_port() -> int:

@@ -43,25 +43,43 @@ PANELS = (
         "reward",
         "Reward",
         (
-            ("train", "reward_raw", "raw"),
-            ("train", "reward_norm", "normalized"),
-            ("eval", "reward_raw", "eval raw"),
+            ("train", "reward", "rollouts"),
+            ("eval", "reward_sampled", "eval (sampled)"),
+            ("eval", "reward_greedy", "eval (greedy)"),
         ),
         smooth=True,
     ),
-    Panel("task_accuracy", "Task accuracy (eval)", (("eval", "task_accuracy", "eval"),)),
-    Panel("kl", "KL to the reference policy", (("train", "kl", "kl"),), smooth=True),
+    Panel(
+        "gold",
+        "Gold signal vs proxy reward (eval)",
+        (("eval", "gold:*", ""), ("eval", "reward_sampled", "proxy reward (sampled)")),
+    ),
+    Panel(
+        "kl",
+        "KL to the reference policy (nats per response)",
+        (("train", "kl", "rollouts"), ("eval", "kl_sampled", "eval (sampled)")),
+        smooth=True,
+    ),
+    Panel(
+        "diversity",
+        "Response diversity (eval)",
+        (
+            ("eval", "distinct_2_sampled", "distinct-2 (sampled)"),
+            ("eval", "identical_share_greedy", "identical share (greedy)"),
+        ),
+    ),
     Panel("kl_coef", "KL coefficient", (("train", "kl_coef", "kl_coef"),)),
     Panel(
         "response_length", "Response length (tokens)", (("train", "response_length", "mean"),), smooth=True
     ),
     Panel("entropy", "Policy entropy", (("train", "entropy", "entropy"),), smooth=True),
     Panel(
-        "ppo_losses",
-        "PPO losses",
-        (("train", "policy_loss", "policy"), ("train", "value_loss", "value"), ("train", "ptx_loss", "ptx")),
+        "policy_loss",
+        "Policy loss",
+        (("train", "policy_loss", "policy"), ("train", "ptx_loss", "ptx")),
         smooth=True,
     ),
+    Panel("value_loss", "Value (critic) loss", (("train", "value_loss", "value"),), smooth=True),
     Panel("clip_frac", "Clipped fraction", (("train", "clip_frac", "clip_frac"),), smooth=True),
     Panel(
         "logprob_mismatch",
@@ -86,20 +104,35 @@ TIME_SPLIT = next(p for p in PANELS if p.key == "time_split")
 
 
 def panel_series(run: Run, panel: Panel) -> list[Series]:
-    """The panel's curves that have at least one point in this run."""
+    """The panel's curves that have at least one point in this run; a metric ending in '*' stands for every
+    metric of that phase with the prefix (each gold signal, named by its metric)."""
     out = []
     for phase, metric, label in panel.lines:
-        xs, ys = run.series(phase, metric)
-        if xs:
-            out.append(Series(label, xs, ys))
+        names = [metric]
+        if metric.endswith("*"):
+            names = sorted(
+                {k for r in run.records if r.get("phase") == phase for k in r if k.startswith(metric[:-1])}
+            )
+        for name in names:
+            xs, ys = run.series(phase, name)
+            if xs:
+                out.append(Series(label or name, xs, ys))
     return out
 
 
+def is_constant(series: list[Series]) -> bool:
+    """Every curve holds one value (a fixed KL coefficient, a constant lr): a number, not a plot."""
+    return all(len(set(s.ys)) <= 1 for s in series)
+
+
 def render_panels(run: Run) -> list[tuple[str, str]]:
-    """(panel key, svg) for every panel this run has data for, in PANELS order."""
+    """(panel key, svg) for every panel this run has data for, in PANELS order; constant panels are left
+    out (their value is in the run's summary table)."""
     out = []
     for panel in PANELS:
         series = panel_series(run, panel)
+        if series and not panel.stacked and is_constant(series) and sum(len(s.ys) for s in series) > 1:
+            continue
         if panel.stacked:
             svg = stacked_bar_chart(panel.title, series)
         else:
