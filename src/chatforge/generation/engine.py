@@ -282,7 +282,8 @@ def _decode_steps(
             with torch.no_grad():
                 if compactable and n_alive < compact_threshold * state.rows.shape[0]:
                     _compact(state)
-                _advance(model, state, tokens[state.rows], keyword)
+                compacted = state.rows.shape[0] < tokens.shape[0]
+                _advance(model, state, tokens[state.rows] if compacted else tokens, keyword)
 
 
 def generate(
