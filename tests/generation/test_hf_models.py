@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -137,3 +139,26 @@ def test_stop_strings_with_the_fixture_tokenizer(tokenizer):
     long_prefix = tokenizer("12 + 7 = 19. " * 30, add_special_tokens=False).input_ids
     assert check(long_prefix + ids[: first + 1]) and not check(long_prefix + ids[:first])
     assert not StopStrings(tokenizer, [])(ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sample"])
+def test_generation_calls_no_deprecated_transformers_api(family, do_sample, models, batch, tokenizer):
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache` and warns (FutureWarning) on
+    # the old name at every step; any deprecated call from the loop must fail here.
+    config = GenerationConfig(max_new_tokens=4, do_sample=do_sample, repetition_penalty=1.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        _gen(models[family], batch, tokenizer, config, generator=torch.Generator().manual_seed(0))
+        ids, mask = batch[0][:1], batch[1][:1]
+        streamed = stream_generate(
+            models[family],
+            ids,
+            mask,
+            config,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert len(list(streamed)) >= 1
