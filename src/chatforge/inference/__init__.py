@@ -15,6 +15,8 @@ from .chat_model import (
     ChatTemplateError,
     Completion,
     ContextLengthError,
+    GenerationJob,
+    ModelNotFoundError,
 )
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "ChatTemplateError",
     "Completion",
     "ContextLengthError",
+    "GenerationJob",
+    "ModelNotFoundError",
     "create_app",
 ]
 
