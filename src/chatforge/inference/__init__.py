@@ -18,9 +18,11 @@ from .chat_model import (
     GenerationJob,
     ModelNotFoundError,
 )
+from .scheduler import BatchScheduler
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
+    "BatchScheduler",
     "ChatInputError",
     "ChatModel",
     "ChatStream",
