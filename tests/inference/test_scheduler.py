@@ -103,6 +103,7 @@ def test_a_cancelled_row_leaves_the_others_intact(chat_model, scheduler):
         pending = [scheduler.submit(job, c) for job, c in zip(jobs, collectors)]
         pending[1].cancel()
     assert not collectors[1].ended.wait(1)  # a cancelled reply gets nothing
+    assert scheduler.stats.cancelled == 1
     for i in (0, 2, 3):
         assert collectors[i].wait() == chat_model.complete(*requests[i][:1], **requests[i][1])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import time
@@ -79,3 +80,21 @@ def test_connections_beyond_the_limit_get_503(server):
             sock.close()
     time.sleep(0.3)
     assert httpx.post(f"{server}/v1/chat/completions", json=REQUEST, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_frees_its_place_in_the_batch(server, stream):
+    before = httpx.get(f"{server}/stats", timeout=10).json()
+    body = json.dumps({**REQUEST, "max_tokens": 480, "stream": stream}).encode()
+    with socket.create_connection(_address(server)) as sock:
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        time.sleep(0.3)  # generating (480 tokens take seconds here); then the client leaves
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = httpx.get(f"{server}/stats", timeout=10).json()
+        if stats["in_flight"] == 0 and stats["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.1)
+    assert stats["cancelled"] == before["cancelled"] + 1 and stats["in_flight"] == 0, stats
+    assert stats["rows"] == before["rows"] + 1

@@ -55,6 +55,8 @@ class SchedulerStats:
     batches: int = 0
     rows: int = 0
     largest_batch: int = 0
+    cancelled: int = 0
+    """Replies dropped, waiting or mid-batch, because their client went away."""
 
 
 def _batch_key(job: GenerationJob) -> tuple:
@@ -70,12 +72,13 @@ def _batch_key(job: GenerationJob) -> tuple:
 class _Row:
     """One reply inside a running batch."""
 
-    def __init__(self, pending: PendingReply, builder: ReplyBuilder) -> None:
-        self.pending, self.builder, self.ended = pending, builder, False
+    def __init__(self, pending: PendingReply, builder: ReplyBuilder, stats: SchedulerStats) -> None:
+        self.pending, self.builder, self.stats, self.ended = pending, builder, stats, False
 
     def push(self, token: int) -> None:
         if self.pending.cancelled.is_set():
             self.ended = True
+            self.stats.cancelled += 1
             return
         delta = self.builder.push(token)
         if delta:
@@ -171,6 +174,7 @@ class BatchScheduler:
         """The oldest reply and the waiting replies that fit in its batch (FIFO; never starves the oldest)."""
         for pending in [p for p in self._waiting if p.cancelled.is_set()]:
             self._waiting.remove(pending)
+            self.stats.cancelled += 1
         if not self._waiting:
             return []
         key = _batch_key(self._waiting[0].job)
@@ -194,7 +198,7 @@ class BatchScheduler:
         if not batch:
             return
         m = self.chat_model
-        rows = [_Row(p, m.new_reply(p.job)) for p in batch]
+        rows = [_Row(p, m.new_reply(p.job), self.stats) for p in batch]
         input_ids, attention_mask = m.left_pad([p.job.prompt_ids for p in batch])
         # Stop strings are checked per row by its ReplyBuilder; the loop only needs the longest budget.
         config = replace(
