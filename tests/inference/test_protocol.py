@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -139,3 +141,36 @@ def test_values_at_the_edges_are_accepted():
 def test_json_depth_skips_strings():
     assert json_depth(b'{"a": "[[[[{{{{", "b": ["\\"[[[", {"c": []}]}') == 4
     assert json_depth(b"[]") == 1 and json_depth(b'"x"') == 0
+
+
+def test_an_unexpected_error_is_one_500_and_one_logged_traceback(chat_model, monkeypatch, caplog):
+    """Served by uvicorn (in a thread), whose own 'Exception in ASGI application' log would be the second."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from .server_process import free_port
+
+    def broken_prepare(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    app = create_app(chat_model)
+    monkeypatch.setattr(chat_model, "prepare", broken_prepare)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_config=None, log_level="info"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    request = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 3}
+    with caplog.at_level(logging.INFO):
+        thread.start()
+        try:
+            while not server.started:
+                time.sleep(0.05)
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=request, timeout=60)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1 and "boom" in str(tracebacks[0].exc_info[1]), caplog.text
+    assert app.state.scheduler.stats.rows == 0

@@ -55,8 +55,9 @@ def register(sub) -> None:
     p.add_argument(
         "--batch-wait-ms",
         type=float,
-        default=10.0,
-        help="under load, wait up to this long for more requests before starting a batch",
+        default=50.0,
+        help="under load, wait up to this long (at most half the previous batch's time) for more requests "
+        "before starting a batch",
     )
     p.set_defaults(handler=run)
 

@@ -99,11 +99,13 @@ class BatchScheduler:
     """Runs the jobs submitted from any thread in batches on one worker thread.
 
     max_batch_size: rows per decode at most (1 = one reply at a time, the server's old behaviour).
-    batch_wait_s: after a batch of several rows, wait up to this long for as many replies as were last in
-    demand before starting the next batch, so clients that resubmit at once land in one batch.
+    batch_wait_s: before a batch, wait up to this long (and at most half the previous batch's decode time)
+    until as many replies are waiting as were in flight (running or waiting) during the previous batch.
+    Clients that resubmit as soon as they get their reply then land in one batch, instead of splitting into
+    a batch of the early ones and one of the rest; with one client at a time nothing is ever waited for.
     """
 
-    def __init__(self, chat_model: ChatModel, max_batch_size: int = 16, batch_wait_s: float = 0.01) -> None:
+    def __init__(self, chat_model: ChatModel, max_batch_size: int = 16, batch_wait_s: float = 0.05) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.chat_model = chat_model
@@ -113,7 +115,8 @@ class BatchScheduler:
         self._waiting: deque[PendingReply] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._last_demand = 1
+        self._peak_in_flight = 0
+        self._last_batch_s = 0.0
         self._worker: threading.Thread | None = None
 
     def submit(self, job: GenerationJob, deliver: Deliver) -> PendingReply:
@@ -157,8 +160,8 @@ class BatchScheduler:
         with self._cond:
             while not self._waiting and not self._closed:
                 self._cond.wait()
-            target = min(self.max_batch_size, self._last_demand)
-            deadline = time.monotonic() + self.batch_wait_s
+            target = min(self.max_batch_size, self._peak_in_flight)
+            deadline = time.monotonic() + min(self.batch_wait_s, self._last_batch_s / 2)
             while not self._closed and len(self._waiting) < target:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -167,7 +170,8 @@ class BatchScheduler:
             if self._closed:
                 return None
             batch = self._take()
-            self._last_demand = len(batch) + len(self._waiting)
+            self._peak_in_flight = len(batch) + len(self._waiting)
+            log.debug("batch of %d (target %d, %d left waiting)", len(batch), target, len(self._waiting))
             return batch
 
     def _take(self) -> list[PendingReply]:
@@ -210,6 +214,7 @@ class BatchScheduler:
         self.stats.batches += 1
         self.stats.rows += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        started = time.monotonic()
         with m.lock:
             steps = _decode_steps(
                 m.model, input_ids, attention_mask, config, m.eos_token_id, m.pad_token_id, None, generator
@@ -219,10 +224,13 @@ class BatchScheduler:
                     for row, token in zip(rows, step.tokens.tolist()):
                         if not row.ended:
                             row.push(token)
-                    if all(row.ended for row in rows):
+                    running = sum(not row.ended for row in rows)
+                    self._peak_in_flight = max(self._peak_in_flight, running + len(self._waiting))
+                    if not running:
                         break
             finally:
                 steps.close()
+        self._last_batch_s = time.monotonic() - started
         # Every row has ended by now (the loop runs to the longest budget); a row that had not would leave
         # its client waiting forever, so it is ended rather than trusted.
         for row in rows:
