@@ -135,3 +135,23 @@ def test_a_failing_batch_fails_its_replies_and_the_worker_survives(chat_model, s
     fine = Collector()
     scheduler.submit(job, fine)
     assert fine.wait() == chat_model.complete(_prompt(0), temperature=0, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("wait", [0.0, 5.0])
+def test_replies_arriving_in_a_burst_are_gathered(chat_model, wait):
+    """After a batch of 3 rows, 3 replies arriving a little apart form one batch only with a wait."""
+    scheduler = BatchScheduler(chat_model, max_batch_size=8, batch_wait_s=wait)
+    try:
+        requests = [(_prompt(i), {"temperature": 0, "max_new_tokens": 48}) for i in range(4)]
+        _run_together(chat_model, scheduler, requests)  # batches [0], [1, 2, 3]
+        before = scheduler.stats.batches
+        gap = scheduler.stats.last_batch_s / 8  # the window is at most half the last batch's time
+        collectors = [Collector() for _ in range(3)]
+        for i, collector in enumerate(collectors):
+            scheduler.submit(chat_model.prepare(_prompt(i + 10), temperature=0, max_new_tokens=4), collector)
+            time.sleep(gap)
+        for collector in collectors:
+            collector.wait()
+        assert (scheduler.stats.batches - before == 1) == (wait > 0)
+    finally:
+        scheduler.close()

@@ -57,6 +57,8 @@ class SchedulerStats:
     largest_batch: int = 0
     cancelled: int = 0
     """Replies dropped, waiting or mid-batch, because their client went away."""
+    last_batch_s: float = 0.0
+    """Seconds the last batch took to decode."""
 
 
 def _batch_key(job: GenerationJob) -> tuple:
@@ -116,7 +118,6 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._peak_in_flight = 0
-        self._last_batch_s = 0.0
         self._worker: threading.Thread | None = None
 
     def submit(self, job: GenerationJob, deliver: Deliver) -> PendingReply:
@@ -161,7 +162,7 @@ class BatchScheduler:
             while not self._waiting and not self._closed:
                 self._cond.wait()
             target = min(self.max_batch_size, self._peak_in_flight)
-            deadline = time.monotonic() + min(self.batch_wait_s, self._last_batch_s / 2)
+            deadline = time.monotonic() + min(self.batch_wait_s, self.stats.last_batch_s / 2)
             while not self._closed and len(self._waiting) < target:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -230,7 +231,7 @@ class BatchScheduler:
                         break
             finally:
                 steps.close()
-        self._last_batch_s = time.monotonic() - started
+        self.stats.last_batch_s = time.monotonic() - started
         # Every row has ended by now (the loop runs to the longest budget); a row that had not would leave
         # its client waiting forever, so it is ended rather than trusted.
         for row in rows:

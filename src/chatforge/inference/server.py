@@ -82,7 +82,7 @@ def create_app(
         return {"object": "list", "data": [model]}
 
     @app.get("/stats")
-    async def stats(request: Request) -> dict[str, int]:
+    async def stats(request: Request) -> dict[str, float]:
         _check_api_key(request, api_key)
         return {**asdict(scheduler.stats), "in_flight": state["pending"]}
 
