@@ -142,10 +142,11 @@ def test_replies_arriving_in_a_burst_are_gathered(chat_model, wait):
     """After a batch of 3 rows, 3 replies arriving a little apart form one batch only with a wait."""
     scheduler = BatchScheduler(chat_model, max_batch_size=8, batch_wait_s=wait)
     try:
-        requests = [(_prompt(i), {"temperature": 0, "max_new_tokens": 48}) for i in range(4)]
+        # Long replies make a long last batch, hence a window (half of it) far above scheduling jitter.
+        requests = [(_prompt(i), {"temperature": 0, "max_new_tokens": 160}) for i in range(4)]
         _run_together(chat_model, scheduler, requests)  # batches [0], [1, 2, 3]
         before = scheduler.stats.batches
-        gap = scheduler.stats.last_batch_s / 8  # the window is at most half the last batch's time
+        gap = max(0.05, scheduler.stats.last_batch_s / 8)  # 2 gaps: a quarter of the last batch's time
         collectors = [Collector() for _ in range(3)]
         for i, collector in enumerate(collectors):
             scheduler.submit(chat_model.prepare(_prompt(i + 10), temperature=0, max_new_tokens=4), collector)

@@ -21,10 +21,15 @@ def register(sub) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $CHATFORGE_API_KEY, else no key); "
+        help="require 'Authorization: Bearer KEY' on /v1/* and /stats (default: $CHATFORGE_API_KEY, else "
+        "no key); "
         "an empty key is refused",
     )
-    p.add_argument("--model-name", default=None, help="model id shown in /v1/models (default: the dir name)")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="model id shown in /v1/models (default: the dir name, or the hub name)",
+    )
     p.add_argument(
         "--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for"
     )
