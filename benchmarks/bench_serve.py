@@ -37,6 +37,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--batch-size", type=int, default=32, help="--max-batch-size of the batched server")
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=50.0,
+        help="--batch-wait-ms of the batched server (its default)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per (concurrency, server)")
     return parser.parse_args()
@@ -62,12 +68,15 @@ def write_model(out: Path, family: str, size: str) -> Path:
     return model_dir
 
 
-def start_server(model_dir: Path, port: int, batch_size: int, threads: int, log: Path) -> subprocess.Popen:
+def start_server(
+    model_dir: Path, port: int, batch_size: int, args: argparse.Namespace, log: Path
+) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "chatforge.cli", "serve", "--model", str(model_dir), "--port", str(port),
-        "--max-batch-size", str(batch_size), "--max-pending", "10000", "--max-connections", "10000",
+        "--max-batch-size", str(batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
+        "--max-pending", "10000", "--max-connections", "10000",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     env.pop("CHATFORGE_API_KEY", None)
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 180
@@ -129,7 +138,7 @@ def main() -> None:
         modes = {"batched": args.batch_size, "one-at-a-time": 1}
         ports = {mode: free_port() for mode in modes}
         procs = {
-            mode: start_server(model_dir, ports[mode], size, args.threads, Path(tmp) / f"{mode}.log")
+            mode: start_server(model_dir, ports[mode], size, args, Path(tmp) / f"{mode}.log")
             for mode, size in modes.items()
         }
         try:
@@ -146,7 +155,8 @@ def run_levels(args: argparse.Namespace, levels: list[int], urls: dict[str, str]
     print(
         f"family={args.family} size={args.size} max_tokens={args.max_tokens} greedy, "
         f">= {args.requests} requests per run, torch threads/server={args.threads}, "
-        f"batched --max-batch-size {args.batch_size}, best of {args.repeats} interleaved runs"
+        f"batched --max-batch-size {args.batch_size} --batch-wait-ms {args.batch_wait_ms:g}, "
+        f"best of {args.repeats} interleaved runs"
     )
     header = f"{'clients':>7} {'server':>14} {'tok/s':>8} {'req/s':>7} {'ratio':>6} {'rows/batch':>10}"
     print(f"{header} {'same replies':>12}")
