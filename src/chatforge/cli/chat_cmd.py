@@ -5,7 +5,12 @@ from __future__ import annotations
 
 def add_model_args(p) -> None:
     """Loading options shared by `chat` and `serve`."""
-    p.add_argument("--model", required=True, help="HF model dir (or peft adapter dir) written by training")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model dir written by training (or a peft adapter dir), or a Hugging Face hub name ORG/NAME "
+        "(from the local HF cache; downloaded if not there and HF_HUB_OFFLINE is unset)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16 or fp16")
     p.add_argument(
@@ -42,8 +47,21 @@ def load_chat_model(args):
             template = Path(template).read_text()
         return ChatModel(args.model, device=args.device, dtype=args.dtype, chat_template=template)
     except (OSError, ValueError) as exc:
-        print(f"chatforge {args.command}: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"chatforge {args.command}: {lines[0]}", file=sys.stderr)
         raise SystemExit(2) from exc
+
+
+def enable_line_editing() -> bool:
+    """Arrow keys, Ctrl-R and history of this session for input(), through the stdlib readline (absent on
+    some platforms: then plain input() still works, without editing)."""
+    try:
+        import readline
+    except ImportError:
+        return False
+    readline.set_history_length(1000)
+    readline.parse_and_bind("tab: self-insert")  # Tab types a tab; there is nothing to complete
+    return True
 
 
 def run(args) -> int:
@@ -57,7 +75,8 @@ def run(args) -> int:
         sys.stdout.reconfigure(errors="replace")
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {chat_model.name}; {HELP}", file=sys.stderr)
+        editing = "" if enable_line_editing() else " (no line editing: readline is unavailable)"
+        print(f"chatting with {chat_model.name}; {HELP}{editing}", file=sys.stderr)
     gen = {
         "max_new_tokens": args.max_new_tokens,
         "fit_context": True,

@@ -15,16 +15,22 @@ from .chat_model import (
     ChatTemplateError,
     Completion,
     ContextLengthError,
+    GenerationJob,
+    ModelNotFoundError,
 )
+from .scheduler import BatchScheduler
 
 __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
+    "BatchScheduler",
     "ChatInputError",
     "ChatModel",
     "ChatStream",
     "ChatTemplateError",
     "Completion",
     "ContextLengthError",
+    "GenerationJob",
+    "ModelNotFoundError",
     "create_app",
 ]
 

@@ -1,7 +1,8 @@
 """One loaded chat model answering conversations: whole replies, text streams and batches.
 
-The model is shared by every caller (REPL, HTTP server threads); a lock makes generations run one at a time,
-so two requests never share a KV cache or interleave their decoding state.
+The model is shared by every caller (REPL, HTTP server threads); `lock` makes decodes run one at a time,
+so two of them never share a KV cache or interleave their decoding state. The server batches requests
+itself (`BatchScheduler`) and takes the same lock for each batch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from chatforge.config.schema import GenerationConfig
 from chatforge.generation import StopStrings, generate, stream_generate
 
-from .text import IncrementalDecoder, truncate_at_stop
+from .chat_encoding import ChatEncoder, ControlTokenError
+from .reply import Completion, ReplyBuilder
+from .text import truncate_at_stop
 
 Message = dict[str, str]
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -47,19 +50,14 @@ class ChatTemplateError(ValueError):
     """The tokenizer has no chat template."""
 
 
-@dataclass
-class Completion:
-    """One finished reply."""
-
-    text: str
-    finish_reason: str
-    """'stop' (EOS or a stop string) or 'length' (max_new_tokens reached)."""
-    prompt_tokens: int
-    completion_tokens: int
+class ModelNotFoundError(OSError):
+    """`--model` names neither a model dir nor a model loadable from the Hugging Face hub cache."""
 
 
 @dataclass
-class _Job:
+class GenerationJob:
+    """One reply to generate: the prompt ids and the settings checked against the model."""
+
     prompt_ids: list[int]
     config: GenerationConfig
     seed: int | None
@@ -72,7 +70,7 @@ class ChatStream:
     generation starts on the first `next()`. `close()` ends generation early and frees the model.
     """
 
-    def __init__(self, model: ChatModel, job: _Job) -> None:
+    def __init__(self, model: ChatModel, job: GenerationJob) -> None:
         self.completion: Completion | None = None
         self._tokens = model._stream_tokens(job, self)
 
@@ -87,7 +85,11 @@ class ChatStream:
 
 
 class ChatModel:
-    """A causal LM + tokenizer loaded from a HF model dir (or a peft adapter dir, merged into its base).
+    """A causal LM + tokenizer loaded from a HF model dir, a peft adapter dir (merged into its base), or a
+    Hugging Face hub name (from the local HF cache, or downloaded when online).
+
+    Message content is untrusted by default: control strings typed in it (`<|end|>`, `<|im_start|>`) are
+    encoded as plain text (see `chat_encoding`); `trust_content=True` lets them become control tokens.
 
     Generation options (`**gen` of `chat`, `stream_chat`, `complete`, `complete_batch`):
     max_new_tokens (None: `default_max_new_tokens`, shrunk to fit the context), fit_context (shrink an
@@ -102,30 +104,34 @@ class ChatModel:
         dtype: str | torch.dtype | None = None,
         chat_template: str | None = None,
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        trust_content: bool = False,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
-        self.name = Path(model_dir).resolve().name
+        local = Path(model_dir).is_dir()
+        self.name = Path(model_dir).resolve().name if local else str(model_dir)
         self.model, self.tokenizer = _load(str(model_dir), self.device, self.dtype)
         self.default_stop = _set_chat_template(self.tokenizer, chat_template, str(model_dir))
+        self.encoder = ChatEncoder(self.tokenizer)
+        self.trust_content = trust_content
         self.default_max_new_tokens = default_max_new_tokens
         self.eos_token_id = _eos_token_id(self.tokenizer, self.model)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = self.eos_token_id if pad is None else pad
         self.max_positions = _max_positions(self.model.config)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
+        """Held by whoever runs the model (one reply here, or one batch of the server's scheduler)."""
 
     # --- public API -------------------------------------------------------------------------------------
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
         """Prompt ids: the chat template applied with the assistant's turn opened."""
         try:
-            ids = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+            return self.encoder.encode(messages, trust_content=self.trust_content)
+        except ControlTokenError as exc:
+            raise ChatInputError(str(exc)) from exc
         except Exception as exc:  # jinja raises its own errors, e.g. for role orders a template forbids
             raise ChatInputError(f"the chat template rejected the messages: {exc}") from exc
-        return list(ids)
 
     def chat(self, messages: Sequence[Message], **gen: Any) -> str:
         """The assistant's reply to `messages` (list of {'role', 'content'})."""
@@ -141,19 +147,27 @@ class ChatModel:
 
     def stream_chat(self, messages: Sequence[Message], **gen: Any) -> ChatStream:
         """Text deltas of the reply as they are generated; ''.join(deltas) == chat(...) for the same seed."""
+        return ChatStream(self, self.prepare(messages, **gen))
+
+    def prepare(self, messages: Sequence[Message], **gen: Any) -> GenerationJob:
+        """Encode and check a conversation and its options (ChatInputError, ContextLengthError)."""
         ids = self.encode(messages)
-        return ChatStream(self, self._job(ids, len(ids), **gen))
+        return self._job(ids, len(ids), **gen)
+
+    def new_reply(self, job: GenerationJob) -> ReplyBuilder:
+        """The object that turns `job`'s generated ids into text and a Completion."""
+        return ReplyBuilder(self.tokenizer, self.eos_token_id, job.config, len(job.prompt_ids))
 
     def complete_batch(self, conversations: Sequence[Sequence[Message]], **gen: Any) -> list[Completion]:
         """Replies to several conversations in one left-padded batch (faster than one by one)."""
         prompts = [self.encode(m) for m in conversations]
         job = self._job([], max(len(p) for p in prompts), **gen)
-        input_ids, attention_mask = self._left_pad(prompts)
-        with self._lock:
+        input_ids, attention_mask = self.left_pad(prompts)
+        with self.lock:
             out = generate(
                 self.model, input_ids, attention_mask, job.config,
                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                stop_checker=self._stop_checker(job.config), generator=self._generator(job.seed),
+                stop_checker=self._stop_checker(job.config), generator=self.seeded_generator(job.seed),
             )  # fmt: skip
         responses = out.sequences[:, input_ids.shape[1] :]
         return [
@@ -177,7 +191,7 @@ class ChatModel:
         repetition_penalty: float = 1.0,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-    ) -> _Job:
+    ) -> GenerationJob:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         config = GenerationConfig(
             max_new_tokens=self._max_new_tokens(prompt_len, max_new_tokens, fit_context),
@@ -189,7 +203,7 @@ class ChatModel:
             repetition_penalty=repetition_penalty,
         )
         config.validate()
-        return _Job(prompt_ids, config, seed)
+        return GenerationJob(prompt_ids, config, seed)
 
     def _max_new_tokens(self, prompt_len: int, requested: int | None, fit_context: bool) -> int:
         room = None if self.max_positions is None else self.max_positions - prompt_len
@@ -212,42 +226,34 @@ class ChatModel:
     def _stop_checker(self, config: GenerationConfig) -> StopStrings | None:
         return StopStrings(self.tokenizer, config.stop_strings) if config.stop_strings else None
 
-    def _generator(self, seed: int | None) -> torch.Generator | None:
+    def seeded_generator(self, seed: int | None) -> torch.Generator | None:
         return None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
 
-    def _stream_tokens(self, job: _Job, out: ChatStream) -> Iterator[str]:
-        decoder = IncrementalDecoder(self.tokenizer, job.config.stop_strings)
-        n_tokens, hit_eos = 0, False
+    def _stream_tokens(self, job: GenerationJob, out: ChatStream) -> Iterator[str]:
+        reply = self.new_reply(job)
         input_ids = torch.tensor([job.prompt_ids], device=self.device)
         # The lock is held across yields: a second caller waits until this reply is done or closed.
-        with self._lock:
+        with self.lock:
             tokens = stream_generate(
                 self.model, input_ids, torch.ones_like(input_ids), job.config,
                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                stop_checker=self._stop_checker(job.config), generator=self._generator(job.seed),
+                stop_checker=self._stop_checker(job.config), generator=self.seeded_generator(job.seed),
             )  # fmt: skip
             try:
                 for token in tokens:
-                    n_tokens += 1
-                    if token == self.eos_token_id:
-                        hit_eos = True
-                        break
-                    delta = decoder.push(token)
+                    delta = reply.push(token)
                     if delta:
                         yield delta
-                    if decoder.stopped:
+                    if reply.done:
                         break
             finally:
                 tokens.close()  # type: ignore[attr-defined]
-        tail = decoder.finish()
+        tail, out.completion = reply.finish()
         if tail:
             yield tail
-        stopped = hit_eos or decoder.stopped or n_tokens < job.config.max_new_tokens
-        out.completion = Completion(
-            decoder.sent, "stop" if stopped else "length", len(job.prompt_ids), n_tokens
-        )
 
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both `(B, P)` with P the longest prompt, pads on the left."""
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -296,6 +302,8 @@ def _load(model_dir: str, device: torch.device, dtype: torch.dtype) -> tuple[Any
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)
+    if not path.is_dir():
+        return _load_from_hub(model_dir, device, dtype)
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model dir (no config.json or adapter_config.json)")
     tokenizer_dir = model_dir
@@ -312,6 +320,42 @@ def _load(model_dir: str, device: torch.device, dtype: torch.dtype) -> tuple[Any
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return model.to(device).eval(), tokenizer
+
+
+def _load_from_hub(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A hub model by name ('ORG/NAME'), from the HF cache or the network; one-line errors otherwise."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if Path(name).exists():
+        raise ModelNotFoundError(f"{name} is a file, not a model dir")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        raise ModelNotFoundError(f"{name}: no such model dir (nor a valid hub model name)") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise ModelNotFoundError(f"{name}: no such model dir, and {_hub_failure(name, exc)}") from exc
+    return model.to(device).eval(), tokenizer
+
+
+def _hub_failure(name: str, exc: OSError) -> str:
+    """Why a hub name did not load, in one line (transformers' own message spans several)."""
+    import os
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return (
+            f"it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set: "
+            f"download it first (`hf download {name}`) or unset HF_HUB_OFFLINE"
+        )
+    lines = str(exc).strip().splitlines()
+    return f"the hub model could not be loaded: {lines[0] if lines else type(exc).__name__}"
 
 
 def _set_chat_template(tokenizer: Any, chat_template: str | None, model_dir: str) -> list[str]:

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1000
+"""Longest stop string: each generated token is checked against every stop string's prefixes."""
+MAX_MESSAGES = 4096
+MAX_JSON_DEPTH = 32
+"""An OpenAI chat body nests about 5 deep; Python's parser would recurse ~1000 deep before failing."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What `torch.Generator.manual_seed` accepts."""
 # Parameters whose meaning we cannot honour: rejected rather than silently ignored.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "audio")
+# Sampling parameters we do not implement: accepted only at their no-op value, which changes nothing.
+NO_OP_VALUES = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
 
 
 class RequestError(Exception):
@@ -65,12 +77,50 @@ class ChatRequest:
 
 
 def parse_json(body: bytes) -> Any:
+    """The body as JSON, refusing (400) what Python's parser accepts but JSON forbids or a server must not
+    take: NaN/Infinity and overflowing floats (1e400), nesting deeper than MAX_JSON_DEPTH."""
     if not body:
         raise RequestError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise RequestError(
+            400, f"the request body nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted",
+            code="invalid_json",
+        )  # fmt: skip
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except ValueError as exc:  # an integer beyond Python's 4300-digit conversion limit
+        raise RequestError(
+            400, "the request body holds an integer with too many digits", code="invalid_json"
+        ) from exc
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = [1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256)]
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, found without parsing it (strings are skipped)."""
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def _reject_constant(name: str) -> float:
+    raise RequestError(
+        400, f"the request body contains {name}; JSON numbers must be finite", code="invalid_json"
+    )
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RequestError(
+            400, f"the number {text[:40]} overflows a float; JSON numbers must be finite", code="invalid_json"
+        )
+    return value
 
 
 def parse_chat_request(payload: Any, max_tokens_limit: int) -> ChatRequest:
@@ -79,8 +129,8 @@ def parse_chat_request(payload: Any, max_tokens_limit: int) -> ChatRequest:
         raise RequestError(400, "the request body must be a JSON object")
     _reject_unsupported(payload)
     model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _invalid("model", "must be a string")
+    if model is not None:
+        _check_text(model, "model")
     stream = _optional_bool(payload, "stream", False)
     return ChatRequest(
         messages=parse_messages(payload.get("messages")),
@@ -91,7 +141,7 @@ def parse_chat_request(payload: Any, max_tokens_limit: int) -> ChatRequest:
         stream=stream,
         include_usage=_include_usage(payload, stream),
         stop=_stop(payload.get("stop")),
-        seed=_optional_int(payload, "seed"),
+        seed=_seed(payload),
     )
 
 
@@ -100,6 +150,8 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
         raise RequestError(400, "'messages' is required", param="messages", code="missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages", "must be a non-empty array of message objects")
+    if len(messages) > MAX_MESSAGES:
+        raise _invalid("messages", f"has {len(messages)} messages; at most {MAX_MESSAGES} are accepted")
     return [_message(m, i) for i, m in enumerate(messages)]
 
 
@@ -119,7 +171,7 @@ def _message(message: Any, i: int) -> dict[str, str]:
 
 def _content(content: Any, param: str) -> str:
     if isinstance(content, str):
-        return content
+        return _check_text(content, f"{param}.content")
     if not isinstance(content, list):
         raise _invalid(f"{param}.content", "must be a string or an array of text parts")
     texts = []
@@ -128,8 +180,19 @@ def _content(content: Any, param: str) -> str:
             raise _invalid(
                 f"{param}.content[{j}]", "only text parts {'type': 'text', 'text': str} are supported"
             )
-        texts.append(part["text"])
+        texts.append(_check_text(part["text"], f"{param}.content[{j}].text"))
     return "".join(texts)
+
+
+def _check_text(value: Any, param: str) -> str:
+    """`value` if it is a string that can be encoded as UTF-8 (JSON's \\ud800 escapes give lone surrogates)."""
+    if not isinstance(value, str):
+        raise _invalid(param, "must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _invalid(param, f"holds an unpaired UTF-16 surrogate at character {exc.start}") from exc
+    return value
 
 
 def _reject_unsupported(payload: dict[str, Any]) -> None:
@@ -143,6 +206,12 @@ def _reject_unsupported(payload: dict[str, Any]) -> None:
             raise RequestError(
                 400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter"
             )
+    for key, no_op in NO_OP_VALUES.items():
+        if payload.get(key, no_op) not in (None, no_op) or isinstance(payload.get(key), bool):
+            raise RequestError(
+                400, f"'{key}' is not supported by this server (only {json.dumps(no_op)})",
+                param=key, code="unsupported_parameter",
+            )  # fmt: skip
     fmt = payload.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise RequestError(400, "only response_format {'type': 'text'} is supported", param="response_format")
@@ -178,7 +247,19 @@ def _stop(stop: Any) -> list[str] | None:
         raise _invalid("stop", "must be a non-empty string or an array of non-empty strings")
     if len(stops) > MAX_STOP_STRINGS:
         raise _invalid("stop", f"accepts at most {MAX_STOP_STRINGS} strings")
+    for s in stops:
+        _check_text(s, "stop")
+        if len(s) > MAX_STOP_CHARS:
+            raise _invalid("stop", f"strings may have at most {MAX_STOP_CHARS} characters, got {len(s)}")
     return stops
+
+
+def _seed(payload: dict[str, Any]) -> int | None:
+    seed = _optional_int(payload, "seed")
+    low, high = SEED_RANGE
+    if seed is not None and not low <= seed <= high:
+        raise _invalid("seed", f"must fit a 64-bit generator seed ({low}..{high})")
+    return seed
 
 
 def _number(
@@ -189,7 +270,7 @@ def _number(
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(key, "must be a number")
-    if value > high or value < low or (low_open and value == low):
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise _invalid(key, f"must be in {bounds}, got {value}")
     return float(value)
