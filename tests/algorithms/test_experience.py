@@ -50,3 +50,30 @@ def test_to_and_size():
 def test_minibatches_reject_bad_counts():
     with pytest.raises(ValueError):
         _experience(batch=2).minibatches(3)
+
+
+def test_trimmed_drops_only_columns_that_are_padding_in_every_row():
+    # Prompt width 4 (rows have 2 and 3 real prompt tokens: column 0 is padding in both), response width 5
+    # (rows end after 2 and 3 tokens: columns 3 and 4 are padding in both).
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1, 0, 0]])
+    response = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    seq = torch.arange(18).reshape(2, 9)
+    per_token = torch.arange(10, dtype=torch.float32).reshape(2, 5)
+    exp = Experience(
+        sequences=seq, attention_mask=attention, response_mask=response, prompt_len=4,
+        logprobs=per_token, ref_logprobs=per_token, scores=torch.ones(2), rewards=per_token, advantages=per_token,
+    )  # fmt: skip
+    small = exp.trimmed()
+    assert small.prompt_len == 3 and small.sequences.tolist() == [
+        [1, 2, 3, 4, 5, 6],
+        [10, 11, 12, 13, 14, 15],
+    ]
+    assert small.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert small.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]] and small.logprobs.tolist() == [
+        [0, 1, 2],
+        [5, 6, 7],
+    ]
+    # The response still starts at prompt_len and the masked sums are unchanged.
+    assert torch.equal(small.sequences[:, small.prompt_len :], seq[:, 4:7])
+    assert (small.logprobs * small.response_mask).sum() == (exp.logprobs * exp.response_mask).sum()
+    assert small.trimmed() is small

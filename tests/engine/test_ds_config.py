@@ -114,3 +114,37 @@ def test_stage0_grad_norm_is_the_pre_clipping_norm(fixture_dir):
     engine.step()
     assert by_hand > 0.01  # so clipping to 0.01 changed the gradients the optimizer used
     assert engine.grad_norm == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_auto_precision_reads_the_cpu_flags():
+    from chatforge.engine.ds_config import cpu_has_fast_bf16
+
+    assert cpu_has_fast_bf16("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n")
+    assert cpu_has_fast_bf16("flags\t\t: fpu avx512f avx512_bf16\n")
+    assert not cpu_has_fast_bf16("flags\t\t: fpu sse2 avx avx2 fma\n")
+
+
+def test_fused_adamw_steps_equal_the_per_tensor_loop():
+    """The fused optimizer chatforge builds gives the same weights as torch's reference loop."""
+    import torch
+
+    from chatforge.engine.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    twin.load_state_dict(model.state_dict())
+    spec = ModelSpec("m", learning_rate=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, spec)
+    assert fused.defaults["fused"]
+    from chatforge.engine.optim import BETAS, EPS, param_groups
+
+    loop = torch.optim.AdamW(param_groups(twin, 0.1), lr=1e-2, betas=BETAS, eps=EPS, foreach=False)
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for m, opt in ((model, fused), (twin, loop)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

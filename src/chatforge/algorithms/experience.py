@@ -51,6 +51,23 @@ class Experience:
         """The episodes at `index` `(b,)` along B."""
         return self._map(lambda t: t[index.to(t.device)])
 
+    def trimmed(self) -> Experience:
+        """The same episodes without the columns that are padding in every row: leading prompt pads and
+        response positions past every row's end (a mini-batch of short responses then costs its own length,
+        not the rollout's longest). Those positions are masked everywhere, so losses are unchanged."""
+        real = self.attention_mask[:, : self.prompt_len].sum(0) > 0
+        lead = int(real.long().argmax()) if bool(real.any()) else self.prompt_len
+        width = int(self.response_mask.sum(1).max()) if self.size else 0
+        if lead == 0 and width == self.response_mask.shape[1]:
+            return self
+        full, response = slice(lead, self.prompt_len + width), slice(0, width)
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor) and value.dim() == 2:
+                changes[f.name] = value[:, full if value.shape[1] == self.sequences.shape[1] else response]
+        return replace(self, **changes, prompt_len=self.prompt_len - lead)
+
     def minibatches(self, n: int, generator: torch.Generator | None = None) -> list[Experience]:
         """Shuffle B with `generator` and split it into n mini-batches (sizes differ by at most 1)."""
         if not 1 <= n <= self.size:

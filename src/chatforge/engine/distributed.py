@@ -60,6 +60,18 @@ def _fill_launcher_env() -> None:
     os.environ["MASTER_PORT"] = str(_free_port())
 
 
+def configure_threads(local_world_size: int) -> int:
+    """Torch threads per process: $CHATFORGE_THREADS, else $OMP_NUM_THREADS when a launcher or the user set
+    it, else the machine's cores shared by this node's processes (several processes each using every core
+    slow each other down several times). Returns the count set."""
+    chosen = os.environ.get("CHATFORGE_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    threads = (
+        int(chosen) if chosen and chosen.isdigit() else max(1, (os.cpu_count() or 1) // local_world_size)
+    )
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
 def backend_name() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -77,6 +89,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
             timeout=timedelta(minutes=timeout_minutes),
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

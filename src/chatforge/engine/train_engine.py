@@ -97,6 +97,9 @@ class TrainEngine:
             dist_init_required=False,
             mpu=self.sp.mpu,  # with SP: average gradients over data-parallel groups, shard over all ranks
         )
+        if spec.zero_stage == 0 and self.dist.world_size == 1:
+            # Nothing to reduce over one process: skip DeepSpeed's flatten / all-reduce / copy-back per step.
+            self.ds.enable_backward_allreduce = False
         self._training: bool | None = None
         self._grad_norm: float | None = None
         self._set_mode(False)

@@ -255,6 +255,7 @@ class PPOTrainer:
         n, first = 0, {}
         for _ in range(algo.epochs):
             for batch in experience.minibatches(algo.num_minibatches, generator=self.shuffler):
+                batch = batch.trimmed()  # only this mini-batch's own padding is computed
                 stats = self._actor_step(batch)
                 if self.engine.critic is not None:
                     stats.update(self._critic_step(batch))
