@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.warnings_probe import SENTINEL
-
 PROBE = Path(__file__).with_name("warnings_probe.py")
 MACHINERY = ("/warnings.py", "/logging/__init__.py", "/utils/logging.py")  # frames of the reporting itself
 
@@ -92,9 +90,9 @@ def deprecations(fixture_dir, tmp_path_factory) -> list[dict]:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     records = [r for r in json.loads(out_file.read_text()) if r["deprecation"]]
-    sentinels = [r for r in records if r["message"] == SENTINEL]
+    sentinels = [r for r in records if r["sentinel"]]
     assert {r["source"] for r in sentinels} == {"warnings", "logging"}, "the probe's hooks saw nothing"
-    return [r for r in records if r["message"] != SENTINEL]
+    return [r for r in records if not r["sentinel"]]
 
 
 def test_chatforge_calls_no_deprecated_api(deprecations):

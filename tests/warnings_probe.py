@@ -32,6 +32,7 @@ def record_warning(message, category, filename, lineno, file=None, line=None) ->
     RECORDS.append({
         "source": "warnings", "category": category.__name__, "deprecation": issubclass(category, DEPRECATIONS),
         "message": str(message), "filename": filename, "lineno": lineno, "stack": _stack(),
+        "sentinel": str(message) == SENTINEL,
     })  # fmt: skip
 
 
@@ -45,6 +46,7 @@ def handle_and_record(self, rec: logging.LogRecord) -> None:
         RECORDS.append({
             "source": "logging", "category": f"log:{rec.name}", "deprecation": True, "message": rec.getMessage(),
             "filename": rec.pathname, "lineno": rec.lineno, "stack": _stack(),
+            "sentinel": rec.getMessage() == SENTINEL,
         })  # fmt: skip
     _handle(self, rec)
 
