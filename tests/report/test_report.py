@@ -296,3 +296,10 @@ def test_banner_reports_a_kl_limit_stop_and_the_step_restored(tmp_path):
         "budget (step 6): beyond that point the reward model&#x27;s scores were no longer trusted."
     ]
     assert "read its sample responses" not in banner(build_report(root).read_text())  # no hacking warning
+
+
+def test_an_empty_response_is_shown_as_such(tmp_path):
+    root = write_run(tmp_path / "ppo", ppo_records())
+    write_samples(root, [{**r, "response": "" if r["step"] else r["response"]} for r in ppo_samples()])
+    (_, _, (_, first, *_)), *_ = sample_tables(sections(build_report(root).read_text())["ppo"])
+    assert first[2].startswith("(empty response) | reward 1.9")

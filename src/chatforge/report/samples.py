@@ -68,7 +68,8 @@ def _response(rec: dict, golds: list[str], base: dict | None = None) -> str:
     scores = " &middot; ".join(
         f"{escape(title)} {_score(rec.get(key), (base or {}).get(key))}" for key, title in names
     )
-    return f'<td><div class="text">{escape(rec["response"])}</div><div class="scores">{scores}</div></td>'
+    text = escape(rec["response"]) if rec["response"] else '<span class="empty">(empty response)</span>'
+    return f'<td><div class="text">{text}</div><div class="scores">{scores}</div></td>'
 
 
 def _score(value, before=None) -> str:
