@@ -233,3 +233,41 @@ def test_the_best_checkpoint_by_the_gold_signal_is_exported(fixture_dir, task_fi
     )
     assert any(not torch.equal(final[k], last[k]) for k in final)
     assert (run / "checkpoints" / "actor" / "step2").is_dir()  # the best tag survives pruning
+
+
+def test_the_missing_eos_penalty_is_a_rule_reward(fixture_dir, task_files, tmp_path):
+    """`chatforge.rewards.rules:unfinished*-2` subtracts 2 from every response that hit the length limit."""
+    cfg = make_config(
+        fixture_dir / "llama", None, task_files, tmp_path,
+        reward={"functions": ["chatforge.rewards.rules:unfinished*-2.0"], "clip": 0.0}, rollout={"max_new_tokens": 3},
+    )  # fmt: skip
+    trainer = trainer_for(cfg)
+    exp = trainer.generate_experience(prompt_batch(trainer))
+    unfinished = exp.response_mask.sum(1) == 3  # a fresh model rarely stops within 3 tokens
+    assert unfinished.any()
+    torch.testing.assert_close(exp.scores, torch.where(unfinished, -2.0, 0.0), rtol=0, atol=0)
+
+
+def test_rollouts_come_from_the_generation_backend(fixture_dir, task_files, tmp_path):
+    """The trainer samples through `GenerationBackend` (native by default; vLLM on GPUs): a scripted backend's
+    responses are what gets scored and trained on."""
+    from chatforge.generation import GenerationOutput
+    from chatforge.generation.backends import GenerationBackend
+
+    class Scripted(GenerationBackend):
+        def generate(self, input_ids, attention_mask, config, generator=None):
+            responses = torch.tensor([[11, 12, 13]] * input_ids.shape[0])
+            return GenerationOutput(
+                torch.cat([input_ids, responses], 1), torch.ones_like(responses), torch.zeros(responses.shape),
+                torch.zeros(input_ids.shape[0], dtype=torch.bool),
+            )  # fmt: skip
+
+        def load_weights(self, named_tensors):
+            raise AssertionError("the native path needs no weight sync")
+
+    cfg = make_config(fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path)
+    trainer = trainer_for(cfg)
+    trainer.backend = Scripted()
+    exp = trainer.generate_experience(prompt_batch(trainer))
+    assert exp.sequences[:, exp.prompt_len :].tolist() == [[11, 12, 13]] * 4
+    assert trainer.train_rlhf(exp)["ratio_first"] == pytest.approx(1.0, abs=1e-6)

@@ -13,7 +13,7 @@ MOVED: dict[str, dict[str, str]] = {
         "actor_optim": "actor.learning_rate and optim.* (shared by actor and critic)",
         "critic_optim": "critic.learning_rate and optim.*",
         "generation": "rollout.* (max_new_tokens, temperature, stop_strings)",
-        "ppo": "algorithm.* (epochs, num_minibatches, clip_range, gamma, lam, kl_*) and reward.* (normalize, clip, missing_eos_penalty)",
+        "ppo": "algorithm.* (epochs, num_minibatches, clip_range, lam, kl_*) and reward.clip",
     },
     "SupervisedModel": {
         "disable_dropout": "model.dropout (inverted: dropout=true keeps it)",
@@ -31,7 +31,11 @@ MOVED: dict[str, dict[str, str]] = {
         "disable_dropout": "nothing: frozen models never use dropout",
         "tokenizer": "nothing: the tokenizer is read from the model dir",
     },
-    "RewardSignalConfig": {"name_or_path": "reward.models=[DIR]"},
+    "RewardSignalConfig": {
+        "name_or_path": "reward.models=[DIR]",
+        "missing_eos_penalty": "reward.functions=[chatforge.rewards.rules:unfinished*-PENALTY]",
+        "normalize": "nothing: reward-model scores are normalised whenever reward_stats.json exists",
+    },
     "EngineConfig": {
         "zero_stage": "{model}.zero_stage",
         "lora": "{model}.lora_r (LoRA alpha is 2 x rank)",

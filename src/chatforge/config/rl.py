@@ -38,6 +38,8 @@ class RolloutConfig:
     """Sampling temperature (log-probs are computed at the same temperature)."""
     stop_strings: list[str] = field(default_factory=list)
     """End a response once its text contains one of these (besides the model's end-of-turn tokens)."""
+    backend: Literal["native", "vllm"] = "native"
+    """Who samples: chatforge's KV-cache loop on the actor itself, or vLLM (GPU, `pip install 'chatforge[vllm]'`; weights synced every iteration)."""
 
     def validate(self) -> None:
         _at_least("rollout.batch_size", self.batch_size, 1)
@@ -52,9 +54,9 @@ class AlgorithmConfig:
 
     name: Algorithm = "ppo"
     """'ppo' (GAE with a critic), or critic-free: 'grpo', 'dr_grpo' (GRPO without the std division), 'rloo', 'reinforce++'."""
-    epochs: int = 1
+    epochs: int = 4
     """Passes of updates over each rollout batch."""
-    num_minibatches: int = 1
+    num_minibatches: int = 2
     """Optimizer steps per pass: the rollout batch is split into this many mini-batches."""
     clip_range: float = 0.2
     """PPO clip of the probability ratio, and of the critic's value update around the rollout values."""
@@ -64,9 +66,9 @@ class AlgorithmConfig:
     """Initial KL coefficient beta against the reference (SFT) policy."""
     kl_in: Literal["auto", "reward", "loss"] = "auto"
     """Where the KL acts: a per-token reward penalty with the k1 estimator (InstructGPT), or a loss term with the low-variance k3 (GRPO); 'auto' = loss for grpo/dr_grpo, reward otherwise."""
-    kl_target: float | None = 6.0
+    kl_target: float | None = 1.0
     """Adaptive KL (Ziegler et al. 2019): target KL per response in nats, beta moves towards it; None keeps beta fixed."""
-    kl_limit: float | None = 12.0
+    kl_limit: float | None = 3.0
     """Hard KL budget per response in nats: past it the run stops and the last checkpoint within budget is exported; None = no limit."""
     loss_agg: Literal["auto", "token_mean", "seq_mean", "seq_sum"] = "auto"
     """Policy-loss aggregation: mean over all tokens; mean over responses of their token mean (GRPO); or of their token sum / max_new_tokens (Dr. GRPO); 'auto' = seq_mean for grpo, seq_sum for dr_grpo, token_mean otherwise."""
@@ -107,13 +109,11 @@ class RewardSignalConfig:
     models: list[str] = field(default_factory=list)
     """Reward-model dirs ('DIR' or 'DIR*weight'); several (or one with several heads) form an ensemble. Scores are normalised with the step-2 statistics (reward_stats.json) when present."""
     functions: list[str] = field(default_factory=list)
-    """Rule rewards 'module:function' or 'module:function*weight', called f(prompts, responses, **row_fields) -> scores."""
+    """Rule rewards 'module:function' or 'module:function*weight', called f(prompts, responses, **row_fields) -> scores (row_fields include messages and finished); e.g. chatforge.rewards.rules:unfinished*-1.0 penalises replies that never end."""
     conservative: float = 0.0
     """With an ensemble: the score is mean - conservative * std over its members (Coste et al. 2023)."""
     clip: float = 5.0
     """Clip the total score to [-clip, clip]; 0 disables."""
-    missing_eos_penalty: float | None = None
-    """Subtract this from responses that end without an end-of-turn token (None: no penalty)."""
 
     def validate(self) -> None:
         if not self.models and not self.functions:

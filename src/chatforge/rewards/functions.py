@@ -2,8 +2,9 @@
 'module:function' (or 'module:function*weight') and checked on every call.
 
 `prompts[i]` is the text of the last user message before response i; `row_fields` holds, as lists aligned
-with the prompts, every other scalar column of the source rows (e.g. a reference `answer`) and `messages`,
-the whole prompt conversation as {role, content} dicts.
+with the prompts, every other scalar column of the source rows (e.g. a reference `answer`), `messages`
+(the whole prompt conversation as {role, content} dicts) and `finished` (the response ended with an
+end-of-turn token or stop string, not at the length limit).
 """
 
 from __future__ import annotations

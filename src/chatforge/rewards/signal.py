@@ -90,14 +90,13 @@ class RewardModel:
 
 
 class RewardSignal:
-    """score = reward-model part + sum of weighted rule rewards - missing-EOS penalty, clipped."""
+    """score = reward-model part + sum of weighted rule rewards, clipped."""
 
     def __init__(
-        self, models: list[RewardModel], functions: list[RewardFunction], conservative: float = 0.0,
-        clip: float = 0.0, missing_eos_penalty: float | None = None,
+        self, models: list[RewardModel], functions: list[RewardFunction], conservative: float = 0.0, clip: float = 0.0
     ):  # fmt: skip
         self.models, self.functions = models, functions
-        self.conservative, self.clip, self.missing_eos_penalty = conservative, clip, missing_eos_penalty
+        self.conservative, self.clip = conservative, clip
 
     def __call__(self, r: Responses) -> tuple[Tensor, dict[str, Tensor]]:
         """(B,) total scores and (B,) parts by name (for logging)."""
@@ -107,14 +106,11 @@ class RewardSignal:
         if self.models:
             rm, parts = self._model_part(r)
             total = total + rm
+        fields = {"messages": r.messages, "finished": r.finished.tolist(), **r.fields}
         for fn in self.functions:
-            values = torch.tensor(
-                fn(r.prompts, r.responses, {"messages": r.messages, **r.fields}), device=device
-            )
+            values = torch.tensor(fn(r.prompts, r.responses, fields), device=device)
             parts[f"fn:{fn.name}"] = values
             total = total + fn.weight * values
-        if self.missing_eos_penalty is not None:
-            total = torch.where(r.finished.to(device), total, total - self.missing_eos_penalty)
         if self.clip:
             total = total.clamp(-self.clip, self.clip)
         return total, parts

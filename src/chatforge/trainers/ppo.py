@@ -44,10 +44,12 @@ from chatforge.config import PPOConfig, save_yaml, to_dict
 from chatforge.config.schema import GenerationConfig
 from chatforge.data.render import end_of_turn_ids
 from chatforge.engine import all_reduce_sum
+from chatforge.engine.export import merged_tensors
 from chatforge.engine.hybrid import inference_mode
 from chatforge.engine.rlhf import RLHFEngine
 from chatforge.engine.sequence_parallel import gather_rows
-from chatforge.generation import GenerationOutput, StopStrings, generate
+from chatforge.generation import GenerationOutput
+from chatforge.generation.backends import GenerationBackend, build_backend
 from chatforge.rewards import Responses, RewardSignal, load_function, split_weight
 
 from .checkpoint import load_checkpoint, maybe_die, save_checkpoint, seed_everything
@@ -71,14 +73,11 @@ class PPOTrainer:
         else:
             self.kl_ctl = AdaptiveKLController(algo.kl_coef, algo.kl_target, horizon=10_000)
         functions = [load_function(f, "reward.functions") for f in r.functions]
-        self.reward = RewardSignal(
-            engine.reward_models, functions, r.conservative, r.clip, r.missing_eos_penalty
-        )
+        self.reward = RewardSignal(engine.reward_models, functions, r.conservative, r.clip)
         gold_fns = [load_function(g, "eval.gold") for g in config.eval.gold if ":" in split_weight(g)[0]]
         self.gold = {f"gold:{f.name}": RewardSignal([], [f]) for f in gold_fns}
         self.gold.update({f"gold:{Path(m.name).name}": RewardSignal([m], []) for m in engine.gold_models})
-        stops = config.rollout.stop_strings
-        self.stop_checker = StopStrings(self.tokenizer, stops) if stops else None
+        self.backend = self._backend()
         self.dist = engine.dist
         self.sp = engine.actor.sp
         self.dp = self.sp.data_parallel(self.dist)
@@ -97,6 +96,27 @@ class PPOTrainer:
         self.guards = {"actor": NonFiniteGuard("actor loss"), "critic": NonFiniteGuard("critic loss")}
         self.timings = {"time_generation": 0.0, "time_scoring": 0.0, "time_training": 0.0}
         self.step = 0
+
+    def _backend(self) -> GenerationBackend:
+        """The rollout sampler: chatforge's loop on the actor in inference mode (the default), or vLLM with
+        the actor's weights synced every iteration."""
+        actor, pad = self.engine.actor, self.tokenizer.pad_token_id
+        if self.cfg.rollout.backend == "native":
+            return build_backend(
+                "native", lambda: inference_mode(actor), eos_token_id=self.stop_ids, pad_token_id=pad,
+                tokenizer=self.tokenizer,
+            )  # fmt: skip
+        return build_backend(
+            "vllm", self.cfg.actor.name_or_path, eos_token_id=self.stop_ids, pad_token_id=pad
+        )
+
+    def _sync_backend(self) -> None:
+        """Hand the actor's current (LoRA-merged) weights to an external sampler; every rank takes part in
+        the ZeRO-3 gathers and feeds its own sampler."""
+        if self.cfg.rollout.backend != "native":
+            self.backend.load_weights(
+                (name, value) for name, value, _ in merged_tensors(self.engine.actor.module, True, True)
+            )
 
     def _ptx_stream(self) -> BatchStream:
         from chatforge.data import SFTCollator, load_step_data
@@ -122,18 +142,14 @@ class PPOTrainer:
                 mask.tensor_split(self.sp.size)[self.sp.sp_rank],
             )
         dev = self.engine.actor.device
-        with inference_mode(self.engine.actor) as model:
-            if ids.shape[0] == 0:  # a sequence-parallel rank with no row of a short batch
+        if ids.shape[0] == 0:  # a sequence-parallel rank with no row of a short batch still enters the
+            with inference_mode(self.engine.actor):  # gather, as every rank must under ZeRO-3
                 empty = torch.zeros(0, 0, dtype=torch.long, device=dev)
-                out = GenerationOutput(
-                    ids.to(dev), empty, empty.float(), torch.zeros(0, dtype=torch.bool, device=dev)
-                )
-            else:
-                out = generate(
-                    model, ids.to(dev), mask.to(dev), generation, eos_token_id=self.stop_ids,
-                    pad_token_id=self.tokenizer.pad_token_id, stop_checker=self.stop_checker,
-                    generator=generator or self.sampler,
-                )  # fmt: skip
+            out = GenerationOutput(
+                ids.to(dev), empty, empty.float(), torch.zeros(0, dtype=torch.bool, device=dev)
+            )
+        else:
+            out = self.backend.generate(ids.to(dev), mask.to(dev), generation, generator or self.sampler)
         if not self.sp.enabled:
             return out
         pad = self.tokenizer.pad_token_id
@@ -245,6 +261,7 @@ class PPOTrainer:
                 first = first or {"ratio_first": stats["ratio_mean"], "clip_frac_first": stats["clip_frac"]}
                 sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
                 n += 1
+        self._sync_backend()
         # One coefficient on every rank: the controller sees the KL averaged over all of them.
         kl = all_reduce_sum(torch.tensor([experience.stats["kl"], 1.0], dtype=torch.float64))
         self.kl_ctl.update((kl[0] / kl[1]).item(), experience.size * self.dp.world_size)
@@ -340,6 +357,7 @@ class PPOTrainer:
         self._export(final)
         run.mark_done(self.dist.is_main, self.step, final)
         self.metrics.close()
+        self.backend.close()
         return final
 
     def _loop(self, data) -> bool:
@@ -470,10 +488,16 @@ class PPOTrainer:
         kl = result[f"kl_{kind}"]
         signals = {"reward_gain": gain, "reward_gain_per_kl": gain / max(kl, 1e-3)}
         warnings = []
-        collapsed = any(result[f"{m}_{kind}"] < 0.5 * base[f"{m}_{kind}"] for m in ("distinct_2",))
-        collapsed |= (1 - result[f"identical_share_{kind}"]) < 0.5 * (1 - base[f"identical_share_{kind}"])
+        # Collapse = the same greedy reply to different questions (a sampled policy that grows confident on
+        # each question is learning, not collapsing, so sampled diversity is reported but not judged).
+        distinct = 1 - result["identical_share_greedy"]
+        collapsed = distinct < 0.5 * (1 - base["identical_share_greedy"])
+        collapsed |= result["distinct_2_greedy"] < 0.5 * base["distinct_2_greedy"]
         if gain > 0 and collapsed:
-            warnings.append("diversity collapsed while the reward rose")
+            warnings.append(
+                f"the reward rose while the greedy replies collapsed ({distinct:.0%} of held-out prompts get a "
+                f"reply of their own, {1 - base['identical_share_greedy']:.0%} for the SFT model)"
+            )
         target = self.cfg.algorithm.kl_target
         if target is not None and kl > 1.5 * target:
             warnings.append(f"KL {kl:.2f} nats per response is past 1.5x the target {target:g}")
