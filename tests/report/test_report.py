@@ -272,7 +272,9 @@ def test_banner_says_which_evaluation_warned_and_what_moved(pipeline_dir):
     )
     assert "the proxy reward rose from 0 to 1.5" in text
     assert "gold:task:is_correct fell from 0.5 to 0.4" in text
-    assert "distinct-2 (response diversity) fell from 0.9 to 0.66" in text
+    # the collapse check judges greedy replies: 1 - identical_share_greedy, 100% -> 88%
+    assert "the share of prompts with a greedy reply of their own fell from 100% to 88%" in text
+    assert "distinct-2 of the greedy replies" not in text  # not logged here
     assert "the KL to the reference is 1.2 nats per response" in text
     assert "read its sample responses" in banner(html)  # what to do about it, said once
 

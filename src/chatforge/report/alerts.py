@@ -60,9 +60,16 @@ def _last_per_step(run: Run, phase: str) -> dict[int, dict]:
 
 def _warning_sentence(name: str, step: int, count: int, rec: dict, base: dict) -> str:
     kind = "sampled" if is_number(rec.get("reward_sampled")) else "greedy"
-    facts = [_change("the proxy reward", f"reward_{kind}", rec, base)]
-    facts.append(_change("distinct-2 (response diversity)", f"distinct_2_{kind}", rec, base))
-    facts += [_change(key.removesuffix(f"_{kind}"), key, rec, base) for key in _gold_keys(rec, kind)]
+    facts = [_change("the proxy reward", rec.get(f"reward_{kind}"), base.get(f"reward_{kind}"))]
+    # The collapse check judges greedy replies (the same reply to different questions), whatever `kind`.
+    facts.append(_change("the share of prompts with a greedy reply of their own", *_own(rec, base), _percent))
+    facts.append(
+        _change(
+            "distinct-2 of the greedy replies", rec.get("distinct_2_greedy"), base.get("distinct_2_greedy")
+        )
+    )
+    for key in _gold_keys(rec, kind):
+        facts.append(_change(key.removesuffix(f"_{kind}"), rec[key], base.get(key)))
     kl = rec.get(f"kl_{kind}")
     if is_number(kl):
         facts.append(f"the KL to the reference is {_fmt(kl)} nats per response")
@@ -70,7 +77,15 @@ def _warning_sentence(name: str, step: int, count: int, rec: dict, base: dict) -
     return (
         f"{HACKING} at evaluation step {step} ({count} warning{plural}): "
         + "; ".join(f for f in facts if f)
-        + f" ({kind} responses, against step {_fmt(base.get('step', 0))})."
+        + f" (against step {_fmt(base.get('step', 0))}; reward, gold and KL of the {kind} responses)."
+    )
+
+
+def _own(rec: dict, base: dict) -> tuple:
+    """(now, before): the share of held-out prompts whose greedy reply no other prompt got."""
+    return tuple(
+        1 - r["identical_share_greedy"] if is_number(r.get("identical_share_greedy")) else None
+        for r in (rec, base)
     )
 
 
@@ -78,16 +93,20 @@ def _gold_keys(rec: dict, kind: str) -> list[str]:
     return sorted(k for k in rec if k.startswith("gold:") and k.endswith(f"_{kind}"))
 
 
-def _change(label: str, key: str, rec: dict, base: dict) -> str:
-    now, before = rec.get(key), base.get(key)
+def _change(label: str, now, before, fmt=None) -> str:
+    """'LABEL rose from B to N' (fell, stayed at), 'LABEL is N' without a before, '' without a now."""
+    fmt = fmt or _fmt
     if not is_number(now):
         return ""
-    if not is_number(before) or base is rec:
-        return f"{label} is {_fmt(now)}"
-    verb = "rose" if now > before else "fell" if now < before else "stayed at"
-    if verb == "stayed at":
-        return f"{label} stayed at {_fmt(now)}"
-    return f"{label} {verb} from {_fmt(before)} to {_fmt(now)}"
+    if not is_number(before):
+        return f"{label} is {fmt(now)}"
+    if now == before:
+        return f"{label} stayed at {fmt(now)}"
+    return f"{label} {'rose' if now > before else 'fell'} from {fmt(before)} to {fmt(now)}"
+
+
+def _percent(value: float) -> str:
+    return f"{value:.0%}"
 
 
 def _kl_stop_sentence(run: Run, index: int, rec: dict) -> str:
