@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	else \
 	  echo "no GPU: installing the CPU wheel torch==2.13.0"; $(PIP) install torch==2.13.0; \
 	fi
-	$(PIP) install -e '.[dev,serve]'
+	$(PIP) install -e '.[dev,serve,trackers]'
 	@mkdir -p $(TORCH_EXTENSIONS_DIR)
 	@touch $@
 

@@ -1,5 +1,6 @@
 """Synthetic run dirs in the layout the trainers write: metrics.jsonl (with a torn last line, as
-after a crash mid-write), config.yaml, and a pipeline-level demo_summary.json."""
+after a crash mid-write), config.yaml, a PPO run's samples.jsonl and over-optimisation warning, and a
+pipeline-level demo_summary.json."""
 
 from __future__ import annotations
 
@@ -114,13 +115,38 @@ def ppo_records(iters: int = 12) -> list[dict]:
                 "time_training": 3.0,
             }
         )
-    for step, gold in ((0, 0.5), (iters, 0.4)):
+    for step, gold in ((0, 0.5), (iters // 2, 0.55), (iters, 0.4)):
         out.append({
             "phase": "eval", "step": step, "time": step * 10.0, "reward_sampled": 1.5 * step / iters,
             "gold:task:is_correct_sampled": gold, "distinct_2_sampled": 0.9 - 0.02 * step,
             "identical_share_greedy": 0.01 * step, "kl_sampled": 0.1 * step,
         })  # fmt: skip
+        if step:
+            out[-1]["warnings"] = float(gold < 0.5)  # the reward rose while the gold signal fell
     return out
+
+
+# Held-out prompts and the greedy responses at evaluation steps 0 (SFT), 6 and 12: (response, reward, gold).
+SAMPLE_PROMPTS = ("What is 3 + 4?", "What is 2 * 2?", "What is 3 + 4?")  # a repeated prompt pairs one to one
+SAMPLE_RESPONSES = {
+    0: (("7", 0.2, 1.0), ("5", -0.1, 0.0), ("8", 0.0, 0.0)),
+    6: (("7", 0.6, 1.0), ("4", 0.5, 1.0), ("7", 0.6, 1.0)),
+    12: (("7 7 7 7 7 7 7 7 7 7 7 7", 1.9, 0.0), ("4, and <b>bold</b> claims", 1.2, 1.0), ("7", 0.9, 1.0)),
+}
+
+
+def ppo_samples() -> list[dict]:
+    """samples.jsonl as PPO writes it: one block per evaluation, prompts in the same order each time."""
+    return [
+        {"step": step, "prompt": prompt, "response": text, "reward": reward, "gold:task:is_correct": gold}
+        for step, rows in SAMPLE_RESPONSES.items()
+        for prompt, (text, reward, gold) in zip(SAMPLE_PROMPTS, rows)
+    ]
+
+
+def write_samples(root: Path, records: list[dict]) -> None:
+    lines = [json.dumps(r) for r in records] + ['{"step": 12, "prompt": "What is']  # torn by a crash
+    (root / "samples.jsonl").write_text("\n".join(lines))
 
 
 @pytest.fixture
@@ -128,7 +154,7 @@ def pipeline_dir(tmp_path) -> Path:
     root = tmp_path / "out"
     write_run(root / "runs" / "sft", sft_records(), config="model:\n  name: tiny-llama\n")
     write_run(root / "runs" / "reward", reward_records())
-    write_run(root / "runs" / "ppo", ppo_records())
+    write_samples(write_run(root / "runs" / "ppo", ppo_records()), ppo_samples())
     (root / "demo_summary.json").write_text(
         json.dumps({"accuracy_before": 0.1, "accuracy_after": 0.4, "sample": {"prompt": "2+2?"}})
     )

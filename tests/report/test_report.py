@@ -13,8 +13,18 @@ import pytest
 from chatforge.cli import main
 from chatforge.report import build_report
 from chatforge.report.data import load_run
+from chatforge.report.page import NoRunsError
 
-from .conftest import PPO_PANELS, REWARD_PANELS, SFT_PANELS, ppo_records, sft_records, write_run
+from .conftest import (
+    PPO_PANELS,
+    REWARD_PANELS,
+    SFT_PANELS,
+    ppo_records,
+    ppo_samples,
+    sft_records,
+    write_run,
+    write_samples,
+)
 
 
 def sections(html: str) -> dict[str, str]:
@@ -102,9 +112,11 @@ def test_empty_and_garbage_metrics_give_no_panel_and_no_crash(tmp_path):
     assert html.count("No metrics logged yet.") == 2
 
 
-def test_dir_without_runs_still_gives_a_page(tmp_path):
-    html = build_report(tmp_path).read_text()
-    assert "No run dirs found" in html and "<h2>Versions</h2>" in html
+def test_dir_without_runs_is_an_error_not_an_empty_page(tmp_path):
+    (tmp_path / "runs" / "notes").mkdir(parents=True)  # a dir without metrics.jsonl or config.yaml
+    with pytest.raises(NoRunsError, match=r"no runs in .*runs/<step>/metrics.jsonl.*Fix: "):
+        build_report(tmp_path)
+    assert not (tmp_path / "report.html").exists()
 
 
 def test_missing_dir_raises(tmp_path):
@@ -140,8 +152,13 @@ def test_cli_in_process(pipeline_dir, tmp_path, capsys):
     out = tmp_path / "r.html"
     assert main(["report", str(pipeline_dir), "--output", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out) and out.is_file()
-    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert main(["report", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"chatforge report: no runs in {empty}") and err.count("\n") == 1
 
 
 def test_cli_entry_point_without_heavy_imports(pipeline_dir):
@@ -150,6 +167,10 @@ def test_cli_entry_point_without_heavy_imports(pipeline_dir):
     done = subprocess.run([str(exe), "report", str(pipeline_dir)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()) == pipeline_dir / "report.html"
+    empty = pipeline_dir / "runs" / "sft" / "checkpoints"
+    empty.mkdir()
+    done = subprocess.run([str(exe), "report", str(empty)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done
     code = (
         "import sys; from chatforge.report import build_report; build_report(sys.argv[1]); "
         "assert not {'torch', 'deepspeed', 'transformers'} & set(sys.modules), sorted(sys.modules)"
@@ -163,3 +184,124 @@ def test_cli_entry_point_without_heavy_imports(pipeline_dir):
 def test_ppo_only_run_dir_gets_ppo_panels(tmp_path):
     secs = sections(build_report(write_run(tmp_path / "ppo-run", ppo_records())).read_text())
     assert panels(secs["ppo-run"]) == PPO_PANELS
+
+
+# --- samples and warnings ---------------------------------------------------------------------------
+def sample_tables(section: str) -> list[tuple[str, str, list[list[str]]]]:
+    """(details attributes, summary, rows of cell texts) of each sample table, in page order; a cell's text
+    is its parts (response, scores) joined by ' | ', tags removed."""
+    out = []
+    tables = re.findall(
+        r'<details( open)?>\n<summary>([^<]*)</summary>\n<table class="samples">(.*?)</table>', section, re.S
+    )
+    for attrs, summary, table in tables:
+        rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
+        cells = [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S) for row in rows]
+        text = [[re.sub(r"<[^>]+>", "", c.replace("</div><div", "</div> | <div")) for c in r] for r in cells]
+        out.append((attrs, summary, text))
+    return out
+
+
+def test_sample_tables_put_each_evaluation_next_to_the_sft_model(pipeline_dir):
+    secs = sections(build_report(pipeline_dir).read_text())
+    assert "Sample responses" not in secs["sft"] + secs["reward"]
+    tables = sample_tables(secs["ppo"])
+    assert [(a, s) for a, s, _ in tables] == [
+        (" open", "step 12 vs SFT (step 0)"),  # the newest evaluation first, open
+        ("", "step 6 vs SFT (step 0)"),
+    ]
+    head, *rows = tables[0][2]
+    assert head == ["prompt", "SFT model (step 0)", "policy at step 12"]
+    assert rows == [
+        [
+            "What is 3 + 4?",
+            "7 | reward 0.2 &middot; task:is_correct 1",
+            "7 7 7 7 7 7 7 7 7 7 7 7 | reward 1.9 (+1.7) &middot; task:is_correct 0 (-1)",
+        ],
+        [
+            "What is 2 * 2?",
+            "5 | reward -0.1 &middot; task:is_correct 0",
+            "4, and &lt;b&gt;bold&lt;/b&gt; claims | reward 1.2 (+1.3) &middot; task:is_correct 1 (+1)",
+        ],
+        [  # the repeated prompt pairs with the second SFT response to it
+            "What is 3 + 4?",
+            "8 | reward 0 &middot; task:is_correct 0",
+            "7 | reward 0.9 (+0.9) &middot; task:is_correct 1 (+1)",
+        ],
+    ]
+    assert '<span class="down">(-1)</span>' in secs["ppo"] and "<b>bold" not in secs["ppo"]
+
+
+def test_samples_of_a_resumed_evaluation_replace_the_first_and_step_0_alone_gets_its_own_table(tmp_path):
+    first = [r for r in ppo_samples() if r["step"] < 12]
+    redone = [{**r, "response": f"redone {r['response']}"} for r in first if r["step"] == 6]
+    run = load_run(write_run(tmp_path / "ppo", ppo_records()))
+    write_samples(run.root, first + redone)
+    run = load_run(run.root)
+    assert sorted(run.samples) == [0, 6] and [r["response"] for r in run.samples[6]] == [
+        "redone 7",
+        "redone 4",
+        "redone 7",
+    ]
+
+    only_sft = write_run(tmp_path / "ppo0", ppo_records())
+    write_samples(only_sft, [r for r in ppo_samples() if r["step"] == 0])
+    ((attrs, summary, (head, *rows)),) = sample_tables(sections(build_report(only_sft).read_text())["ppo0"])
+    assert (attrs, summary, head, len(rows)) == (
+        " open",
+        "step 0 (SFT model)",
+        ["prompt", "SFT model (step 0)"],
+        3,
+    )
+    assert rows[1] == ["What is 2 * 2?", "5 | reward -0.1 &middot; task:is_correct 0"]
+
+
+def banner(html: str) -> str:
+    match = re.search(r'<div class="banner" role="alert">(.*?)</div>', html, re.S)
+    return match.group(1) if match else ""
+
+
+def test_banner_says_which_evaluation_warned_and_what_moved(pipeline_dir):
+    html = build_report(pipeline_dir).read_text()
+    assert html.index('class="banner"') < html.index("<h2>Overview</h2>")  # at the top
+    items = re.findall(r"<li>(.*?)</li>", banner(html), re.S)
+    assert len(items) == 1  # step 6 logged warnings = 0, step 12 one warning
+    text = items[0]
+    assert text.startswith(
+        '<a href="#run-ppo">ppo</a>: possible reward hacking at evaluation step 12 (1 warning)'
+    )
+    assert "the proxy reward rose from 0 to 1.5" in text
+    assert "gold:task:is_correct fell from 0.5 to 0.4" in text
+    # the collapse check judges greedy replies: 1 - identical_share_greedy, 100% -> 88%
+    assert "the share of prompts with a greedy reply of their own fell from 100% to 88%" in text
+    assert "distinct-2 of the greedy replies" not in text  # not logged here
+    assert "the KL to the reference is 1.2 nats per response" in text
+    assert "read its sample responses" in banner(html)  # what to do about it, said once
+
+
+def test_no_banner_without_warnings(tmp_path):
+    quiet = [r for r in ppo_records() if not r.get("warnings")]
+    assert 'class="banner"' not in build_report(write_run(tmp_path / "ppo", quiet)).read_text()
+
+
+def test_banner_reports_a_kl_limit_stop_and_the_step_restored(tmp_path):
+    records = [r for r in ppo_records() if r["phase"] == "train" and r["step"] <= 7 or r["step"] == 0]
+    records += [
+        {"phase": "guard", "step": 7, "time": 70.0, "kl_limit_stop": 1.0, "kl": 3.2},
+        {"phase": "eval", "step": 6, "time": 75.0, "reward_sampled": 0.5, "kl_sampled": 1.1},
+    ]
+    root = write_run(tmp_path / "ppo", records, config="algorithm:\n  kl_limit: 2.0\n  kl_target: 1.0\n")
+    items = re.findall(r"<li>(.*?)</li>", banner(build_report(root).read_text()), re.S)
+    assert items == [
+        '<a href="#run-ppo">ppo</a>: the KL to the reference reached 3.2 nats per response at iteration 7, '
+        "past algorithm.kl_limit=2. The run stopped early and went back to its last checkpoint within the KL "
+        "budget (step 6): beyond that point the reward model&#x27;s scores were no longer trusted."
+    ]
+    assert "read its sample responses" not in banner(build_report(root).read_text())  # no hacking warning
+
+
+def test_an_empty_response_is_shown_as_such(tmp_path):
+    root = write_run(tmp_path / "ppo", ppo_records())
+    write_samples(root, [{**r, "response": "" if r["step"] else r["response"]} for r in ppo_samples()])
+    (_, _, (_, first, *_)), *_ = sample_tables(sections(build_report(root).read_text())["ppo"])
+    assert first[2].startswith("(empty response) | reward 1.9")

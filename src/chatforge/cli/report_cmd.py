@@ -15,12 +15,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    """Exit 2 with one line when DIR is missing or holds no run (bad input, as in the other commands)."""
     from chatforge.report import build_report
+    from chatforge.report.page import NoRunsError
 
     try:
         path = build_report(args.directory, args.output)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, NoRunsError) as exc:
         print(f"chatforge report: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(path)
     return 0

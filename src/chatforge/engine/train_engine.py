@@ -108,7 +108,14 @@ class TrainEngine:
 
     def _prepare(self, model: torch.nn.Module, trainable_heads: tuple[str, ...]) -> torch.nn.Module:
         if self.spec.gradient_checkpointing and self.trainable:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers renamed it activation checkpointing (the old name warns a FutureWarning and goes in
+            # v6); older releases only have the old name.
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if self.spec.lora_r and self.trainable:
             from chatforge.models.lora import apply_lora

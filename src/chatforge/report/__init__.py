@@ -2,6 +2,6 @@
 
 Light on purpose (no torch, no matplotlib): it runs at the end of `train` and on any laptop."""
 
-from chatforge.report.page import build_report
+from chatforge.report.page import NoRunsError, build_report
 
-__all__ = ["build_report"]
+__all__ = ["NoRunsError", "build_report"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -18,12 +18,14 @@ VERSION_PACKAGES = ("torch", "transformers", "deepspeed", "peft", "datasets", "c
 
 @dataclass(frozen=True)
 class Run:
-    """One run dir: its name (the step), its metric records and its config.yaml text (or None)."""
+    """One run dir: its name (the step), its metric records, its config.yaml text (or None) and, for an RL
+    run, the sampled responses of samples.jsonl by evaluation step (step 0 is the SFT model)."""
 
     name: str
     root: Path
     records: list[dict]
     config_text: str | None
+    samples: dict[int, list[dict]] = field(default_factory=dict)
 
     def series(self, phase: str, metric: str) -> tuple[list[float], list[float]]:
         """(steps, values) of one metric in one phase, sorted by step, finite values only.
@@ -32,7 +34,7 @@ class Run:
         by_step: dict[float, float] = {}
         for rec in self.records:
             value, step = rec.get(metric), rec.get("step")
-            if rec.get("phase") == phase and _is_number(step) and _is_number(value) and math.isfinite(value):
+            if rec.get("phase") == phase and is_number(step) and is_number(value) and math.isfinite(value):
                 by_step[float(step)] = float(value)
         steps = sorted(by_step)
         return steps, [by_step[s] for s in steps]
@@ -43,7 +45,7 @@ class Run:
         for rec in self.records:
             phase = str(rec.get("phase", "?"))
             for key, value in rec.items():
-                if key not in ("phase", "step", "time") and _is_number(value) and math.isfinite(value):
+                if key not in ("phase", "step", "time") and is_number(value) and math.isfinite(value):
                     out.setdefault(phase, {})[key] = float(value)
         return out
 
@@ -52,7 +54,7 @@ class Run:
         total, prev = 0.0, 0.0
         for rec in self.records:
             t = rec.get("time")
-            if not _is_number(t) or not math.isfinite(t):
+            if not is_number(t) or not math.isfinite(t):
                 continue
             if t < prev:
                 total += prev
@@ -60,12 +62,12 @@ class Run:
         return total + prev
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_records(path: Path) -> list[dict]:
-    """The JSON objects of a metrics.jsonl; torn, blank or non-object lines are skipped."""
+    """The JSON objects of a .jsonl file; torn, blank or non-object lines are skipped."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -90,7 +92,35 @@ def read_text(path: Path) -> str | None:
 
 def load_run(root: Path, name: str | None = None) -> Run:
     records = read_records(root / "metrics.jsonl")
-    return Run(name or root.name, root, records, read_text(root / "config.yaml"))
+    samples = samples_by_step(read_records(root / "samples.jsonl"))
+    return Run(name or root.name, root, records, read_text(root / "config.yaml"), samples)
+
+
+def samples_by_step(records: list[dict]) -> dict[int, list[dict]]:
+    """step -> the sample records of that evaluation, in file order; records without an integer step or a
+    prompt and response are skipped.
+
+    Every evaluation writes one block of the same size (the first held-out prompts). A resumed run that
+    evaluates a step again appends another block of that step, right after the first one when the crash
+    came between the evaluation and its checkpoint: of a step's records only the last block is kept, as the
+    last value of a metric is. The block size is the shortest run of one step in the file."""
+    runs: list[tuple[int, list[dict]]] = []
+    for rec in records:
+        step = rec.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or not _is_sample(rec):
+            continue
+        if not runs or runs[-1][0] != step:
+            runs.append((step, []))
+        runs[-1][1].append(rec)
+    block = min((len(recs) for _, recs in runs), default=0)
+    out = {}
+    for step, recs in runs:  # a later run of a step replaces an earlier one
+        out[step] = recs[len(recs) - (len(recs) - 1) % block - 1 :]
+    return out
+
+
+def _is_sample(rec: dict) -> bool:
+    return isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str)
 
 
 def find_runs(directory: Path) -> list[Run]:

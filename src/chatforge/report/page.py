@@ -9,8 +9,10 @@ import time
 from html import escape
 from pathlib import Path
 
+from chatforge.report.alerts import render_banner
 from chatforge.report.data import Run, find_runs, read_summary, read_text, versions
 from chatforge.report.panels import render_panels, time_totals
+from chatforge.report.samples import render_samples
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1200px; color: #222; padding: 0 16px; }
@@ -25,19 +27,37 @@ th { background: #f6f6f6; }
 pre { background: #f6f8fa; padding: 10px; overflow-x: auto; font-size: 12px; }
 details { margin: 8px 0; } summary { cursor: pointer; color: #0b5cad; }
 .empty { color: #888; font-style: italic; }
+.note { color: #555; font-size: 14px; }
+.banner { background: #fff4e5; border: 1px solid #f0a000; border-left: 6px solid #e07000; padding: 8px 16px;
+  margin: 16px 0; } .banner ul { margin: 6px 0; padding-left: 20px; } .banner li { margin: 4px 0; } .banner p { margin: 6px 0; }
+table.samples { table-layout: fixed; width: 100%; font-size: 13px; }
+table.samples th:first-child { width: 28%; } table.samples td { vertical-align: top; }
+table.samples .text { white-space: pre-wrap; overflow-wrap: anywhere; font-family: ui-monospace, monospace; }
+table.samples .scores { color: #555; margin-top: 4px; font-size: 12px; }
+.up { color: #1a7f37; } .down { color: #c62828; }
 """
+
+
+class NoRunsError(ValueError):
+    """The report's dir holds no run: nothing to report."""
 
 
 def build_report(directory: str | Path, output: str | Path | None = None) -> Path:
     """Write an HTML report of a pipeline dir (DIR/runs/<step>/) or a single run dir; return its path.
 
     The default output is DIR/report.html. It is written to a temporary name and renamed, so a
-    reader never sees half a page."""
+    reader never sees half a page. A dir with no run is an error (NoRunsError), not an empty page."""
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
+    runs = find_runs(root)
+    if not runs:
+        raise NoRunsError(
+            f"no runs in {root}: expected {root}/runs/<step>/metrics.jsonl (a pipeline dir) or "
+            f"{root}/metrics.jsonl (a run dir). Fix: give the output dir of chatforge train or of one step"
+        )
     out = Path(output) if output else root / "report.html"
-    html = render_page(root, find_runs(root))
+    html = render_page(root, runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(html, encoding="utf-8")
@@ -50,6 +70,7 @@ def render_page(root: Path, runs: list[Run]) -> str:
     body = [
         "<h1>chatforge training report</h1>",
         f'<p class="sub">{escape(str(root.resolve()))} &middot; generated {generated}</p>',
+        render_banner(runs),
         _overview(runs),
         _summary_section(read_summary(root)),
         *(_run_section(run) for run in runs),
@@ -93,8 +114,6 @@ def format_value(value: float) -> str:
 
 
 def _overview(runs: list[Run]) -> str:
-    if not runs:
-        return '<p class="empty">No run dirs found (expected DIR/runs/&lt;step&gt;/metrics.jsonl or DIR/metrics.jsonl).</p>'
     total = sum(run.wall_time() for run in runs) or 1.0
     rows = []
     for run in runs:
@@ -144,7 +163,12 @@ def _run_section(run: Run) -> str:
         parts.append('<div class="grid">\n' + "\n".join(figures) + "\n</div>")
     else:
         parts.append('<p class="empty">No metrics logged yet.</p>')
-    parts += [_time_split_table(run), _last_values(run), _config_block("config.yaml", run.config_text)]
+    parts += [
+        _time_split_table(run),
+        render_samples(run),
+        _last_values(run),
+        _config_block("config.yaml", run.config_text),
+    ]
     return "\n".join(p for p in parts if p) + "\n</section>"
 
 

@@ -4,9 +4,12 @@ import; a tracker asked for but not installed is a one-line error naming the ext
 from __future__ import annotations
 
 import os
+import time
 from typing import Protocol
 
 from chatforge.config import ConfigError
+
+MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on a param value (MAX_PARAM_VAL_LENGTH)
 
 
 class Tracker(Protocol):
@@ -45,7 +48,8 @@ class _TensorBoard:
 
 
 class _WandB:
-    """A wandb run named after the run dir; WANDB_MODE=offline (or WANDB_PROJECT etc.) as the user sets."""
+    """A wandb run named after the run dir, its config the run's config. The run's files go under
+    $WANDB_DIR, else into the run dir; WANDB_MODE=offline, WANDB_PROJECT etc. act as wandb documents."""
 
     def __init__(self, run, config: dict):
         try:
@@ -54,7 +58,8 @@ class _WandB:
             raise _missing("wandb", "wandb") from None
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "chatforge"), name=run.root.resolve().name,
-            dir=str(run.root), config=config, reinit="finish_previous",
+            dir=None if os.environ.get("WANDB_DIR") else str(run.root), config=config,
+            reinit="finish_previous",
         )  # fmt: skip
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -65,24 +70,36 @@ class _WandB:
 
 
 class _MLflow:
-    """An MLflow run named after the run dir, in $MLFLOW_TRACKING_URI (default: ./mlruns); the config is
-    logged as flattened params."""
+    """An MLflow run named after the run dir, in experiment $MLFLOW_EXPERIMENT_NAME (default chatforge) of
+    $MLFLOW_TRACKING_URI (default: MLflow's own, sqlite:///mlflow.db in the working dir); the config is
+    logged as flattened params (`data.max_length`).
+
+    Uses MlflowClient, not the fluent API: no process-global active run, so two steps in one process (or
+    a user's own run around chatforge) do not collide."""
 
     def __init__(self, run, config: dict):
         try:
-            import mlflow
+            from mlflow import MlflowClient
+            from mlflow.entities import Param
         except ImportError:
             raise _missing("mlflow", "mlflow") from None
-        self.mlflow = mlflow
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "chatforge"))
-        self.active = mlflow.start_run(run_name=run.root.resolve().name)
-        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
+        self.client = MlflowClient()
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "chatforge")
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(experiment_id, run_name=run.root.resolve().name).info.run_id
+        params = [Param(k, str(v)[:MLFLOW_PARAM_CHARS]) for k, v in _flatten(config).items()]
+        self.client.log_batch(self.run_id, params=params)
 
     def log(self, values: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in values.items()}, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, step) for key, value in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def close(self) -> None:
-        self.mlflow.end_run()
+        self.client.set_terminated(self.run_id)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
