@@ -306,9 +306,13 @@ class DPOLossConfig:
     """'sigmoid' = DPO; 'ipo' = IPO's squared loss (Azar et al. 2023)."""
     label_smoothing: float = 0.0
     """cDPO: assumed share of flipped preference labels (sigmoid loss only)."""
+    sft_coef: float = 0.0
+    """RPO (Pang et al. 2024): add this times the chosen replies' token-mean NLL, so DPO cannot lower the chosen replies' likelihood along with the rejected ones'."""
 
     def validate(self) -> None:
         _positive("dpo.beta", self.beta)
+        if self.sft_coef < 0:
+            raise ConfigError(f"dpo.sft_coef must be >= 0, got {self.sft_coef}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError("dpo.label_smoothing must be in [0, 0.5)")
         if self.label_smoothing and self.loss == "ipo":

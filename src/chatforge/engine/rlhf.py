@@ -8,6 +8,7 @@ second copy is held in memory.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from chatforge.config import PPOConfig
@@ -24,6 +25,8 @@ class RLHFEngine:
         config.validate()
         self.cfg = config
         self.dist = dist or init_distributed()
+        # Fresh heads (the critic's) start from the run's seed, whatever the process did before.
+        torch.manual_seed(config.train.seed)
         eng, algo, rollout = config.engine, config.algorithm, config.rollout
         self.opts = LoadOptions(eng.trust_remote_code, eng.attn_implementation)
         self.tokenizer = load_tokenizer(config.actor.name_or_path, eng.trust_remote_code)

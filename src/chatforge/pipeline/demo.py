@@ -51,9 +51,9 @@ RULE_SETTINGS = [
 DPO_SETTINGS = [
     "mode=dpo",
     "dpo.batch.micro_batch_size=16",
-    "dpo.batch.epochs=1",
-    "dpo.policy.learning_rate=1e-4",
-    "dpo.dpo.beta=0.1",
+    "dpo.batch.epochs=2",
+    "dpo.policy.learning_rate=5e-4",
+    "dpo.dpo.sft_coef=1.0",
 ]
 
 

@@ -73,6 +73,9 @@ class DPOTrainer:
         policy, ref = self._logps(batch)
         (pc, pr), (rc, rr) = policy.chunk(2), ref.chunk(2)
         loss, stats = dpo_loss(pc, pr, rc, rr, d.beta, d.loss, d.label_smoothing)
+        if d.sft_coef:
+            chosen_tokens = batch["response_mask"].chunk(2)[0][:, 1:].sum(1).clamp(min=1).to(pc.device)
+            loss = loss + d.sft_coef * (-pc / chosen_tokens).mean()
         stats.update(loss=loss.detach(), logp_chosen=pc.detach().mean(), logp_rejected=pr.detach().mean())
         return loss, stats
 

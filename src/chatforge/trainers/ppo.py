@@ -60,6 +60,7 @@ from .schedule import BatchSchedule, BatchStream
 log = logging.getLogger("chatforge")
 __all__ = ["PPOTrainer", "RLHFEngine", "build_trainer"]
 SAMPLE_ROWS = 8  # held-out prompts whose responses are written to samples.jsonl at every evaluation
+KL_WINDOW = 3  # iterations whose mean KL the hard limit judges
 
 
 class PPOTrainer:
@@ -358,7 +359,6 @@ class PPOTrainer:
         self._export(final)
         run.mark_done(self.dist.is_main, self.step, final)
         self.metrics.close()
-        self.backend.close()
         return final
 
     def _loop(self, data) -> bool:
@@ -366,6 +366,7 @@ class PPOTrainer:
         t, limit = self.cfg.train, self.cfg.algorithm.kl_limit
         bar = Progress(t.max_steps, "ppo", self.dist.is_main, initial=self.step)
         windows = self.schedule.windows()
+        recent_kl: list[float] = []
         while self.step < t.max_steps:
             (idx,) = next(windows)
             self.timings = dict.fromkeys(self.timings, 0.0)
@@ -377,8 +378,10 @@ class PPOTrainer:
             bar.update(1, reward=stats["reward"], kl=stats["kl"])
             actor = self.engine.actor
             self.metrics.log("train", self.step, {**stats, "lr_actor": actor.lr})
-            if limit is not None and stats["kl"] > limit:
-                self._kl_stop(stats["kl"], limit)
+            # The limit judges the KL of the last KL_WINDOW iterations: one batch's k1 estimate can spike.
+            recent_kl = (recent_kl + [stats["kl"]])[-KL_WINDOW:]
+            if limit is not None and sum(recent_kl) / len(recent_kl) > limit:
+                self._kl_stop(sum(recent_kl) / len(recent_kl), limit)
                 bar.close()
                 return True
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
@@ -391,7 +394,7 @@ class PPOTrainer:
 
     def _kl_stop(self, kl: float, limit: float) -> None:
         log.warning(
-            "KL to the reference reached %.2f nats per response, past algorithm.kl_limit=%.2f: the policy is "
+            "KL to the reference reached %.2f nats per response (mean of the last iterations), past algorithm.kl_limit=%.2f: the policy is "
             "leaving the region where the reward can be trusted. Stopping at iteration %d and restoring the "
             "last checkpoint within the budget.", kl, limit, self.step,
         )  # fmt: skip
