@@ -384,9 +384,15 @@ def _describe(lengths: np.ndarray) -> dict:
     }
 
 
-def check_step_data(cfg, step: str, setting: str) -> None:
-    """Before a pipeline starts: at least one dataset of `cfg` can feed `step` (its format has the columns the
-    step needs, and the split gives the step rows), or a DataError naming the datasets and the fix."""
+PIPELINE_DATA_FIX = (
+    "add such data to --data, give the step a share in --data-split, or change the steps that run"
+)
+
+
+def check_step_data(cfg, step: str, setting: str, fix: str = PIPELINE_DATA_FIX) -> None:
+    """Before a step (or a whole pipeline) starts: at least one dataset of `cfg` can feed `step` (its format
+    has the columns the step needs, and the split gives the step rows), or a DataError naming the datasets
+    and the fix."""
     settings = cfg if isinstance(cfg, DataSettings) else DataSettings.of(cfg)
     seen = []
     for text in settings.datasets:
@@ -400,6 +406,5 @@ def check_step_data(cfg, step: str, setting: str) -> None:
         )
     need = " or ".join("+".join(alt) for alt in STEP_NEEDS[step])
     raise DataError(
-        f"{setting}: no dataset can feed step '{step}', which needs {need}: {'; '.join(seen)}. Fix: add such data "
-        "to --data, give the step a share in --data-split, or change the steps that run"
+        f"{setting}: no dataset can feed step '{step}', which needs {need}: {'; '.join(seen)}. Fix: {fix}"
     )
