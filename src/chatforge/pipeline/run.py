@@ -5,9 +5,9 @@ group (under the deployment's launcher), so its memory is returned before the ne
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +15,17 @@ from pathlib import Path
 from chatforge.config import ConfigError, load_config, save_yaml
 
 from .config import PipelineConfig, refuse_filled
-from .inputs import check_rerun, made_from, write_made_from
+from .inputs import check_rerun, made_from, record_digest, write_made_from
+from .launch import launch
 from .presets import Deployment, choose
 
 OUTPUTS = {"sft": "actor-sft", "reward": "reward", "dpo": "actor-dpo", "ppo": "actor-rlhf"}
 
 
 class PipelineError(RuntimeError):
-    """A step failed; the message says which and whether resuming can help."""
+    """A step crashed; the message says which and that rerunning the command resumes it."""
+
+    exit_code = 1
 
 
 class BadStepInput(ConfigError):
@@ -143,19 +146,40 @@ def _data_for(shared, cls):
     return cls(**{k: copy.deepcopy(v) for k, v in vars(shared).items() if k in names})
 
 
-def validate_all(cfg: PipelineConfig, configs: dict[int, object], layout: Layout) -> None:
-    """Every step's settings and data, checked before step 1 starts: a typo in a step-3 setting or a data
-    file that cannot feed a later step fails now, not after hours of training."""
+def validate_all(cfg: PipelineConfig, configs: dict[int, object], layout: Layout, run: list[int]) -> None:
+    """Every step's settings, the models the pipeline starts from, and the data of the steps in `run`,
+    checked before step 1 starts: a typo in a step-3 setting, a missing model dir or a data file that cannot
+    feed a later step fails now, not after hours of training."""
     from chatforge.data.pipeline import check_step_data
+    from chatforge.models.sources import check_model_source, check_tokenizer_files
 
     for step, step_cfg in configs.items():
-        name = layout.names[step]
-        _validate_step(step_cfg, name)
+        _validate_step(step_cfg, layout.names[step])
+    for path in {configs[1].model.name_or_path, *_external_models(configs, layout)}:
+        check_model_source(path, cfg.sft.engine.trust_remote_code)
+    for step_cfg in (c for c in configs.values() if hasattr(c, "model")):  # steps 1-2 read their tokenizer
+        check_tokenizer_files(step_cfg.model.name_or_path)
+    for step in run:
+        name, step_cfg = layout.names[step], configs[step]
         check_step_data(
             cfg.data, {"sft": "sft", "reward": "reward", "dpo": "reward", "ppo": "ppo"}[name], name
         )
         if name == "ppo" and step_cfg.ptx.coef > 0:
             check_step_data(step_cfg.ptx, "ptx", "ppo.ptx")
+
+
+def _external_models(configs: dict[int, object], layout: Layout) -> list[str]:
+    """Model dirs of steps 2-3 that no earlier step writes (e.g. --reward-model, ppo.reward.models)."""
+    from chatforge.config.rl import strip_weight
+
+    outputs = {str(layout.output(s).resolve()) for s in layout.names}
+    found = []
+    for step_cfg in list(configs.values())[1:]:
+        for section in ("model", "policy", "ref", "actor", "critic"):
+            path = getattr(getattr(step_cfg, section, None), "name_or_path", None)
+            found += [path] if path else []
+        found += [strip_weight(m) for m in getattr(getattr(step_cfg, "reward", None), "models", [])]
+    return [p for p in found if str(Path(p).resolve()) not in outputs]
 
 
 def _validate_step(step_cfg, name: str) -> None:
@@ -165,20 +189,32 @@ def _validate_step(step_cfg, name: str) -> None:
         raise ConfigError(f"{name}: {exc}") from None
 
 
+def records_of(configs: dict[int, object], layout: Layout) -> dict[int, dict]:
+    """Each step's made_from record; a step reading an earlier step's output records that step's digest."""
+    records: dict[int, dict] = {}
+    produced: dict[str, str] = {}
+    for step in sorted(configs):
+        records[step] = made_from(configs[step], layout.names[step], layout.root, produced)
+        produced[str(layout.output(step).resolve())] = record_digest(records[step])
+    return records
+
+
 def run_pipeline(cfg: PipelineConfig, dep: Deployment, restart_from: int | None = None) -> Layout:
     """Validate everything, check a rerun against what the finished steps were made from, then run the
-    steps. `restart_from=N` deletes the run dirs and outputs of steps N and later first (a new run of them)."""
+    steps. `restart_from=N` deletes the run dirs and outputs of steps N and later first (a new run of them),
+    once every check passed."""
     layout = Layout(Path(cfg.output_dir), cfg.step_names)
     configs = step_configs(cfg, layout)
     steps = [s for s in cfg.selected_steps if s in configs]
-    validate_all(cfg, {s: configs[s] for s in steps}, layout)
-    if restart_from is not None:
-        for step in (s for s in layout.names if s >= restart_from):
-            for path in (layout.run_dir(step), layout.output(step), Path(f"{layout.output(step)}-ema")):
-                shutil.rmtree(path, ignore_errors=True)
-    records = {s: made_from(configs[s], layout.names[s], internal=layout.root) for s in steps}
+    if restart_from is not None and restart_from not in steps:
+        raise ConfigError(f"--restart-from {restart_from}: not one of the steps this command runs ({steps})")
+    validate_all(cfg, configs, layout, steps)
+    records = records_of(configs, layout)
     for step in steps:
-        check_rerun(layout.run_dir(step), layout.names[step], records[step], layout.done(step))
+        if restart_from is None or step < restart_from:
+            check_rerun(layout.run_dir(step), layout.names[step], records[step], layout.done(step))
+    if restart_from is not None:
+        _delete_steps_from(restart_from, layout)
     layout.root.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, layout.root / "config.yaml")
     print(f"deployment: {dep.name} -- {dep.reason}")
@@ -191,6 +227,14 @@ def run_pipeline(cfg: PipelineConfig, dep: Deployment, restart_from: int | None 
 
         print(f"report: {build_report(layout.root)}")
     return layout
+
+
+def _delete_steps_from(first: int, layout: Layout) -> None:
+    for step in (s for s in layout.names if s >= first):
+        for path in (layout.run_dir(step), layout.output(step), Path(f"{layout.output(step)}-ema")):
+            if path.exists():
+                print(f"--restart-from {first}: deleting {path}")
+                shutil.rmtree(path)
 
 
 def _run_step(
@@ -209,16 +253,42 @@ def _run_step(
     cmd = [*launcher_prefix(dep, hostfile), "chatforge.cli", name, "--config", str(path)]
     print(f"step {step} ({name}): {' '.join(cmd)}", flush=True)
     error_file = layout.run_dir(step) / "ERROR"
-    error_file.unlink(missing_ok=True)
+    for old in error_file.parent.glob("ERROR*"):
+        old.unlink()
     env = {**os.environ, "CHATFORGE_PIPELINE_STEP": str(step), "CHATFORGE_ERROR_FILE": str(error_file)}
-    code = subprocess.call(cmd, env=env)
-    if code != 0 and error_file.is_file():
-        raise BadStepInput(f"step {step} ({name}): {error_file.read_text().strip()}")
-    if code != 0 or not layout.done(step):
-        raise PipelineError(
-            f"step {step} ({name}) failed (exit code {code}); see the log above and {layout.run_dir(step)}. "
-            "Rerun the same command to resume from its last checkpoint."
-        )
+    if dep.launcher == "torchrun":
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning about it
+    code = launch(cmd, env, error_file, hide_launcher_report=uses_launcher(dep))
+    _raise_step_failure(step, name, code, error_file, layout)
+
+
+def _raise_step_failure(step: int, name: str, code: int, error_file: Path, layout: Layout) -> None:
+    """The step's own one-line error (first rank that wrote one), or the exit code: bad input is not
+    resumable, a crash is."""
+    if code == 0 and layout.done(step):
+        return
+    failure = read_step_error(error_file)
+    if code == 130 or (failure and failure["code"] == 130):
+        raise KeyboardInterrupt
+    if failure and failure["code"] == 2:
+        raise BadStepInput(f"step {step} ({name}): {failure['line']}")
+    resume = "Rerun the same command to resume from its last checkpoint."
+    if failure:
+        line = failure["line"]
+        raise PipelineError(f"step {step} ({name}): {line}" + ("" if "resume" in line else f". {resume}"))
+    raise PipelineError(
+        f"step {step} ({name}) failed (exit code {code}); see the log above and {layout.run_dir(step)}. {resume}"
+    )
+
+
+def read_step_error(error_file: Path) -> dict | None:
+    """{code, line, rank} a step's rank wrote (rank 0's first), or None."""
+    for path in [error_file, *sorted(error_file.parent.glob(error_file.name + ".rank*"))]:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _check_inputs(step_cfg, name: str) -> None:
@@ -231,9 +301,14 @@ def _check_inputs(step_cfg, name: str) -> None:
             )
 
 
+def uses_launcher(dep: Deployment) -> bool:
+    """Whether steps run under torchrun or the deepspeed launcher (else as one plain process)."""
+    return not (dep.launcher == "none" or dep.processes == 1 and dep.launcher != "deepspeed")
+
+
 def launcher_prefix(dep: Deployment, hostfile: str | None) -> list[str]:
     """The command that precedes `chatforge.cli <step> ...` (run as a module)."""
-    if dep.launcher == "none" or dep.processes == 1 and dep.launcher != "deepspeed":
+    if not uses_launcher(dep):
         return [sys.executable, "-m"]
     if dep.launcher == "torchrun":
         return [
