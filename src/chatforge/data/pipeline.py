@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .formats import check_columns, detect_format, make_normaliser, unified_features
+from .formats import check_columns, check_row_shapes, detect_format, make_normaliser, unified_features
 from .packing import pack_rows
 from .render import FALLBACK_TEMPLATE, ChatRenderer, end_of_turn_ids
 from .sources import fingerprint, load_source
@@ -397,7 +397,9 @@ def check_step_data(cfg, step: str, setting: str, fix: str = PIPELINE_DATA_FIX) 
     seen = []
     for text in settings.datasets:
         spec = parse_spec(text)
-        raw, fmt_name, fmt, _ = read_source(spec, settings, str(Path(settings.cache_dir) / "raw"))
+        raw, fmt_name, fmt, detected = read_source(spec, settings, str(Path(settings.cache_dir) / "raw"))
+        if detected:
+            check_row_shapes(raw, fmt_name, spec.path)
         share = len(step_part(len(raw), settings.data_split, spec.role, step, settings.seed))
         if can_serve(fmt, raw.column_names, step) and share > 0:
             return

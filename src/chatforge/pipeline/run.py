@@ -76,7 +76,8 @@ def load_pipeline_config(path: str | None, overrides: list[str]) -> tuple[Pipeli
     refuse_filled(overrides, {})
     first = load_config(PipelineConfig, path, overrides)
     reward_model = first.reward_model if first.reward_model not in ("", "sft", "none") else first.actor_model
-    deployment = choose(first.deployment_type, first.actor_model, reward_model, first.num_processes)
+    trust = first.sft.engine.trust_remote_code
+    deployment = choose(first.deployment_type, first.actor_model, reward_model, first.num_processes, trust)
     cfg = load_config(PipelineConfig, path, overrides, base=preset_overrides(deployment))
     _apply_stages(cfg, cfg.actor_zero_stage, cfg.reward_zero_stage)
     return cfg, deployment
@@ -146,11 +147,10 @@ def _data_for(shared, cls):
     return cls(**{k: copy.deepcopy(v) for k, v in vars(shared).items() if k in names})
 
 
-def validate_all(cfg: PipelineConfig, configs: dict[int, object], layout: Layout, run: list[int]) -> None:
-    """Every step's settings, the models the pipeline starts from, and the data of the steps in `run`,
-    checked before step 1 starts: a typo in a step-3 setting, a missing model dir or a data file that cannot
-    feed a later step fails now, not after hours of training."""
-    from chatforge.data.pipeline import check_step_data
+def validate_all(cfg: PipelineConfig, configs: dict[int, object], layout: Layout) -> None:
+    """Every step's settings and the models the pipeline starts from, checked before step 1 starts: a typo
+    in a step-3 setting or a missing model dir fails now, not after hours of training (the data: see
+    `check_data`)."""
     from chatforge.models.sources import check_model_source, check_tokenizer_files
 
     for step, step_cfg in configs.items():
@@ -159,7 +159,13 @@ def validate_all(cfg: PipelineConfig, configs: dict[int, object], layout: Layout
         check_model_source(path, cfg.sft.engine.trust_remote_code)
     for step_cfg in (c for c in configs.values() if hasattr(c, "model")):  # steps 1-2 read their tokenizer
         check_tokenizer_files(step_cfg.model.name_or_path)
-    for step in run:
+
+
+def check_data(cfg: PipelineConfig, configs: dict[int, object], layout: Layout, steps: list[int]) -> None:
+    """The data every step in `steps` reads can feed it (a chat-only file cannot feed a reward model)."""
+    from chatforge.data.pipeline import check_step_data
+
+    for step in steps:
         name, step_cfg = layout.names[step], configs[step]
         check_step_data(
             cfg.data, {"sft": "sft", "reward": "reward", "dpo": "reward", "ppo": "ppo"}[name], name
@@ -208,11 +214,12 @@ def run_pipeline(cfg: PipelineConfig, dep: Deployment, restart_from: int | None 
     steps = [s for s in cfg.selected_steps if s in configs]
     if restart_from is not None and restart_from not in steps:
         raise ConfigError(f"--restart-from {restart_from}: not one of the steps this command runs ({steps})")
-    validate_all(cfg, configs, layout, steps)
+    validate_all(cfg, configs, layout)
     records = records_of(configs, layout)
     for step in steps:
         if restart_from is None or step < restart_from:
             check_rerun(layout.run_dir(step), layout.names[step], records[step], layout.done(step))
+    check_data(cfg, configs, layout, steps)
     if restart_from is not None:
         _delete_steps_from(restart_from, layout)
     layout.root.mkdir(parents=True, exist_ok=True)
