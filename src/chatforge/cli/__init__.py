@@ -10,6 +10,7 @@ unless CHATFORGE_VERBOSE=1 (see quiet.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import json
@@ -130,6 +131,7 @@ def report_error(command: str, code: int, line: str) -> None:
     code to the parent instead, which prints it once with the step's name: every rank writes its own file,
     so several ranks failing alike do not print the same line several times, and the launcher's own report
     of the failure cannot bury it."""
+    _end_progress_bars()
     path = os.environ.get("CHATFORGE_ERROR_FILE")
     if path:
         rank = os.environ.get("RANK", "0")
@@ -140,6 +142,14 @@ def report_error(command: str, code: int, line: str) -> None:
         except OSError:
             pass
     print(f"chatforge {command}: {line}", file=sys.stderr)
+
+
+def _end_progress_bars() -> None:
+    """Close a progress bar an error interrupted, so the error starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        with contextlib.suppress(Exception):  # a half-torn bar must not hide the error
+            bar.close()
 
 
 if __name__ == "__main__":

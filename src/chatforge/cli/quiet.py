@@ -44,9 +44,13 @@ def quiet_transformers() -> None:
         return
     from transformers.utils import logging as hf_logging
 
-    def hook(factory, args, kwargs):
-        if kwargs.get("desc") in LOCAL_BARS:
-            return hf_logging.EmptyTqdm(*args, **kwargs)
-        return factory(*args, **kwargs)
+    hf_logging.set_tqdm_hook(skip_local_bars)
 
-    hf_logging.set_tqdm_hook(hook)
+
+def skip_local_bars(factory, args: tuple, kwargs: dict):
+    """transformers' tqdm hook: an empty bar for LOCAL_BARS, the bar it asked for otherwise."""
+    if kwargs.get("desc") in LOCAL_BARS:
+        from transformers.utils.logging import EmptyTqdm
+
+        return EmptyTqdm(*args, **kwargs)
+    return factory(*args, **kwargs)

@@ -283,6 +283,7 @@ def _raise_step_failure(step: int, name: str, code: int, error_file: Path, layou
     if failure:
         line = failure["line"]
         raise PipelineError(f"step {step} ({name}): {line}" + ("" if "resume" in line else f". {resume}"))
+    print(file=sys.stderr)  # a process that died hard may have left a progress bar's line open
     raise PipelineError(
         f"step {step} ({name}) failed (exit code {code}); see the log above and {layout.run_dir(step)}. {resume}"
     )
