@@ -140,7 +140,7 @@ def test_cli_in_process(pipeline_dir, tmp_path, capsys):
     out = tmp_path / "r.html"
     assert main(["report", str(pipeline_dir), "--output", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out) and out.is_file()
-    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert main(["report", str(tmp_path / "missing")]) == 2  # bad input (a missing dir), not a crash
     assert "is not a directory" in capsys.readouterr().err
 
 
