@@ -80,6 +80,16 @@ CASES: dict[str, Case] = {
     "override without =": Case(["sft", "fx/llama"], ["'fx/llama' must look like key=value"]),
     "step not a number": Case([*TRAIN, "--step", "x"], ["--step takes step numbers", "got x"]),
     "step out of range": Case([*TRAIN, "--step", "4"], ["steps must be a non-empty subset of [1, 2, 3]"]),
+    "a step before the steps it reads": Case(
+        [*TRAIN, "--step", "3"],
+        [
+            "step 3 (ppo) reads {w}/out/t/actor-sft, the output of step 1 (sft), which has not finished",
+            "--step 1 2 3",
+        ],
+    ),
+    "output dir is a file (train)": Case(
+        _swap(TRAIN, "--output-dir", "{w}/afile"), ["--output-dir {w}/afile: {w}/afile is a file", "Fix:"]
+    ),
     "restart from a step not run": Case(
         [*TRAIN, "--step", "1", "--restart-from", "3"], ["--restart-from 3: not one of the steps", "[1]"]
     ),

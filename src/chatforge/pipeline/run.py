@@ -214,8 +214,10 @@ def run_pipeline(cfg: PipelineConfig, dep: Deployment, restart_from: int | None 
     steps = [s for s in cfg.selected_steps if s in configs]
     if restart_from is not None and restart_from not in steps:
         raise ConfigError(f"--restart-from {restart_from}: not one of the steps this command runs ({steps})")
+    check_output_dir(layout.root)
     validate_all(cfg, configs, layout)
     records = records_of(configs, layout)
+    check_earlier_outputs(records, layout, steps)
     for step in steps:
         if restart_from is None or step < restart_from:
             check_rerun(layout.run_dir(step), layout.names[step], records[step], layout.done(step))
@@ -251,7 +253,6 @@ def _run_step(
     if layout.done(step):
         print(f"step {step} ({name}): already finished from the same inputs, skipping")
         return
-    _check_inputs(step_cfg, name)
     path = layout.step_config(step)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_yaml(step_cfg, path)
@@ -299,14 +300,32 @@ def read_step_error(error_file: Path) -> dict | None:
     return None
 
 
-def _check_inputs(step_cfg, name: str) -> None:
-    """The model dirs an earlier step wrote must exist by now."""
-    paths = {"dpo": lambda: [step_cfg.policy.name_or_path], "ppo": lambda: [step_cfg.actor.name_or_path]}
-    for path in paths.get(name, list)():
-        if not (Path(path) / "config.json").is_file():
+def check_earlier_outputs(records: dict[int, dict], layout: Layout, steps: list[int]) -> None:
+    """A step that reads an earlier step's output (DIR/actor-sft, DIR/reward) needs that step finished, or
+    running first in this command: `--step 3` before steps 1-2 fails now, not inside step 3."""
+    by_name = {name: step for step, name in layout.names.items()}
+    for step in steps:
+        needed = {}  # earlier step -> the path of its output this step reads
+        for key, value in records[step]["inputs"].items():
+            earlier = by_name.get(str(value).partition("@")[0]) if "@" in str(value) else None
+            if earlier is not None and earlier not in steps and not layout.done(earlier):
+                needed.setdefault(earlier, key.partition(":")[2])
+        if needed:
+            first = min(needed)
             raise ConfigError(
-                f"step {name} needs {path} (an earlier step's output); run the earlier steps first"
+                f"step {step} ({layout.names[step]}) reads {needed[first]}, the output of step {first} "
+                f"({layout.names[first]}), which has not finished: run the earlier steps first "
+                f"(--step {' '.join(map(str, sorted({*needed, *steps})))})"
             )
+
+
+def check_output_dir(root: Path) -> None:
+    """DIR must be a dir this process can create or write."""
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {root}: {existing} is a file. Fix: give a dir path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {root} is not writable ({existing}). Fix: give a writable dir")
 
 
 def uses_launcher(dep: Deployment) -> bool:
