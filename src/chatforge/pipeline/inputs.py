@@ -115,7 +115,7 @@ def _describe_change(section: str, key: str, old, new) -> str:
         return f"setting {key} was {_short(old)}, now {_short(new)}"
     kind, _, what = key.partition(":")
     if old is None or new is None:
-        return f"{'no' if old is None else 'the'} {kind} input {what} {'was' if old is None else 'is no longer'} used"
+        return f"{kind} input {what} {'is new' if old is None else 'is no longer used'}"
     if kind == "data":
         return f"the content of data file {what} changed since (sha256 {old[:12]}..., now {new[:12]}...)"
     if "@" in str(new):  # an earlier step's output
