@@ -30,9 +30,11 @@ def _command(model: Path, data: Path, out: Path, cache: Path) -> list[str]:
 
 
 def _wait_for_ppo_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 400) -> None:
+    """Until a checkpoint after iteration 1 is committed (the one of iteration 0, before any training, would
+    make the rerun redo every iteration, and the test could not tell a resume from a restart)."""
     latest = out / "runs" / "ppo" / "checkpoints" / "actor" / "latest"  # the commit point of a PPO checkpoint
     deadline = time.time() + timeout
-    while not latest.is_file():
+    while not (latest.is_file() and latest.read_text().strip() not in ("step0", "step1")):
         assert proc.poll() is None, f"train ended (code {proc.returncode}) before step 3 checkpointed"
         assert time.time() < deadline, "no step-3 checkpoint in time"
         time.sleep(0.5)

@@ -61,3 +61,34 @@ def test_ema_state_round_trips_for_resume(fixture_dir):
     again = EMA(0.9, model, True)
     again.load_state_dict(ema.state_dict())
     assert all(torch.equal(again.shadow[k], v) for k, v in ema.shadow.items())
+
+
+def test_ema_dir_is_written_atomically_and_stale_temp_dirs_go(fixture_dir, tmp_path, monkeypatch):
+    """A crashed export's `.NAME.tmp-PID` dir (its process gone) is removed by the next export beside it; a
+    failed write keeps the previous EMA dir whole and leaves no temp dir."""
+    import subprocess
+    import sys
+
+    model = load_causal_lm(str(fixture_dir / "llama"), LoadOptions(), torch.float32)
+    ema = EMA(0.5, model, True)
+    out = tmp_path / "actor-ema"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f".actor-ema.tmp-{int(dead.stdout)}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    ema.save(model, out)
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["actor-ema"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    _move(model, 3)
+    ema.update(model)
+    monkeypatch.setattr(type(model), "save_pretrained", disk_full)
+    with pytest.raises(OSError):
+        ema.save(model, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["actor-ema"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def register(sub) -> None:
     p = sub.add_parser("data", help="inspect training data (formats, step splits, token lengths)")
@@ -26,31 +24,28 @@ def register(sub) -> None:
 
 
 def run_inspect(args) -> int:
-    from chatforge.data import DataError
+    from chatforge.config import ConfigError
     from chatforge.data.inspect import inspect_report
     from chatforge.data.pipeline import DataSettings
 
+    try:
+        split = [float(x) for x in args.data_split.split(",")]
+    except ValueError:
+        raise ConfigError(f"--data-split takes 3 numbers like 2,4,4, got {args.data_split!r}") from None
     cfg = DataSettings.of(
         None,
         datasets=list(args.specs),
-        data_split=[float(x) for x in args.data_split.split(",")],
+        data_split=split,
         eval_fraction=args.eval_fraction,
         format=args.format,
         max_prompt_length=args.max_prompt_length,
         max_length=args.max_length,
         packing=args.packing,
     )
-    try:
-        tokenizer = None
-        if args.tokenizer:
-            from transformers import AutoTokenizer
+    tokenizer = None
+    if args.tokenizer:
+        from chatforge.models.loading import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        import datasets
-
-        datasets.disable_progress_bars()
-        print(inspect_report(cfg, tokenizer, cache_dir=args.cache_dir))
-    except DataError as err:
-        print(f"chatforge data inspect: {err}", file=sys.stderr)
-        return 2
+        tokenizer = load_tokenizer(args.tokenizer, model_dir=False)
+    print(inspect_report(cfg, tokenizer, cache_dir=args.cache_dir))
     return 0

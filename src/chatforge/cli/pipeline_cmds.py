@@ -111,15 +111,11 @@ def run_train(args) -> int:
 
         print(format_help(PipelineConfig, hidden=hidden_keys()))
         return 0
-    from chatforge.pipeline import PipelineError, load_pipeline_config, run_pipeline
+    from chatforge.pipeline import load_pipeline_config, run_pipeline
 
     split_overrides(args)
     cfg, deployment = load_pipeline_config(args.config, [*args.overrides, *flag_overrides(args)])
-    try:
-        run_pipeline(cfg, deployment, restart_from=args.restart_from)
-    except PipelineError as exc:
-        print(f"chatforge train: {exc}")
-        return 1
+    run_pipeline(cfg, deployment, restart_from=args.restart_from)  # errors: one line from the CLI boundary
     return 0
 
 

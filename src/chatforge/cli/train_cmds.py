@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 
 # command -> (config class path, trainer class path, one-line help)
 CONFIG_COMMANDS = {
@@ -70,10 +71,17 @@ def run_config_command(args, config_path: str, trainer_path: str) -> int:
 
         print(format_help(_resolve(config_path)))
         return 0
+    from chatforge.trainers.preflight import check_step_inputs
+
+    from .quiet import quiet_transformers
+
     cfg = load_command_config(args, config_path)
+    check_step_inputs(cfg, args.command)  # before torch and DeepSpeed load: bad input fails in a second
     _setup_logging()
+    quiet_transformers()
     result = _resolve(trainer_path)(cfg).fit()
-    print({k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()})
+    if os.environ.get("RANK", "0") == "0":  # the same result on every rank: say it once
+        print({k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()})
     return 0
 
 

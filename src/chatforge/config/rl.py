@@ -17,6 +17,7 @@ from .schema import (
     _at_least,
     _positive,
     _validate_trained,
+    check_dataset_specs,
 )
 
 Algorithm = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce++"]
@@ -165,6 +166,7 @@ class PTXConfig:
             raise ConfigError("ptx.coef must be >= 0")
         if self.coef > 0 and not self.datasets:
             raise ConfigError("ptx.coef > 0 needs ptx.datasets=[FILE] (plain text with a 'text' column)")
+        check_dataset_specs("ptx.datasets", self.datasets)
 
 
 def _rl_run() -> RunConfig:
@@ -208,7 +210,7 @@ class PPOConfig:
         self.reward.validate()
         if self.algorithm.has_critic:
             self.critic.name_or_path = self.critic.name_or_path or (
-                _strip_weight(self.reward.models[0]) if self.reward.models else self.actor.name_or_path
+                strip_weight(self.reward.models[0]) if self.reward.models else self.actor.name_or_path
             )
             trained["critic"] = self.critic
         self.ref.name_or_path = self.ref.name_or_path or self.actor.name_or_path
@@ -240,7 +242,7 @@ class PPOConfig:
             )
 
 
-def _strip_weight(spec: str) -> str:
+def strip_weight(spec: str) -> str:
     """'DIR*0.5' -> 'DIR'."""
     head, sep, tail = spec.rpartition("*")
     try:

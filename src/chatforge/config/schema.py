@@ -8,6 +8,7 @@ models share besides the learning rate), `data`, and `train` (the run: output, s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,13 +18,27 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 
 def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be > 0 and finite, got {value}")
 
 
 def _at_least(name: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def check_dataset_specs(setting: str, specs: list[str]) -> None:
+    """Each 'name_or_path[:weight][:option]' spec parses (a weight of 0 fails here, not in a step)."""
+    if not specs:
+        return
+    from chatforge.data.errors import DataError
+    from chatforge.data.spec import parse_spec
+
+    for spec in specs:
+        try:
+            parse_spec(spec)
+        except DataError as exc:
+            raise ConfigError(str(exc).replace("data.datasets", setting, 1)) from None
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -132,6 +147,7 @@ class PromptDataConfig:
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"{name}.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         _at_least(f"{name}.max_prompt_length", self.max_prompt_length, 1)
+        check_dataset_specs(f"{name}.datasets", self.datasets)
 
 
 @dataclass
@@ -191,7 +207,7 @@ class RunConfig:
     """Where a run writes, how long it runs, and its checkpoints."""
 
     output_dir: str = "runs/out"
-    """Run dir: checkpoints, metrics.jsonl, config.yaml, DONE."""
+    """Run dir: checkpoints, metrics.jsonl, config.yaml, DONE (default per command: runs/sft, runs/reward, runs/dpo, runs/ppo)."""
     final_model_dir: str | None = None
     """Where the trained model is written as a plain HF dir (default: <output_dir>/model)."""
     seed: int = 1234
@@ -234,6 +250,12 @@ class BatchConfig:
         _at_least("batch.epochs", self.epochs, 1)
 
 
+def run_in(output_dir: str):
+    """A command's default `train` section: each command writes to its own dir (runs/sft, runs/reward, ...),
+    so running them one after another with the defaults keeps every model."""
+    return lambda: RunConfig(output_dir=output_dir)
+
+
 def _validate_trained(cfg, models: dict[str, TrainedModel]) -> None:
     cfg.engine.validate()
     cfg.optim.validate()
@@ -259,7 +281,7 @@ class SFTConfig:
     """Conversations (the step-1 part of each dataset)."""
     batch: BatchConfig = field(default_factory=BatchConfig)
     """Batch sizes and epochs."""
-    train: RunConfig = field(default_factory=RunConfig)
+    train: RunConfig = field(default_factory=run_in("runs/sft"))
     """The run."""
 
     def validate(self) -> None:
@@ -288,7 +310,7 @@ class RewardConfig:
     """Preference pairs (the step-2 part of each dataset)."""
     batch: BatchConfig = field(default_factory=BatchConfig)
     """Batch sizes and epochs."""
-    train: RunConfig = field(default_factory=RunConfig)
+    train: RunConfig = field(default_factory=run_in("runs/reward"))
     """The run."""
 
     def validate(self) -> None:
@@ -337,7 +359,7 @@ class DPOConfig:
     """Preference pairs (the step-2 part of each dataset)."""
     batch: BatchConfig = field(default_factory=BatchConfig)
     """Batch sizes and epochs."""
-    train: RunConfig = field(default_factory=RunConfig)
+    train: RunConfig = field(default_factory=run_in("runs/dpo"))
     """The run."""
 
     def validate(self) -> None:

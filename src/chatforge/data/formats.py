@@ -254,6 +254,23 @@ def check_row_shape(raw: dict, file_format: str, source: str, index: int) -> Non
         )  # fmt: skip
 
 
+def check_row_shapes(raw, file_format: str, source: str) -> None:
+    """`check_row_shape` on the first row of each pattern of present columns: one vectorised pass over
+    the Arrow table instead of a Python loop, so a row of another shape fails before anything is tokenised
+    (a row whose columns fit but whose content does not is still caught row by row when normalising)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = raw.data.table
+    signature = np.zeros(table.num_rows, dtype=np.int64)
+    for bit, name in enumerate(table.column_names[:62]):
+        present = pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False)
+        signature |= present.astype(np.int64) << bit
+    _, first_rows = np.unique(signature, return_index=True)
+    for index in sorted(int(i) for i in first_rows):
+        check_row_shape(raw[index], file_format, source, index)
+
+
 def make_normaliser(fmt: Format, source: str, detected: str | None = None):
     """A batched `Dataset.map` function: source columns -> unified columns (with_indices=True).
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .formats import check_columns, detect_format, make_normaliser, unified_features
+from .formats import check_columns, check_row_shapes, detect_format, make_normaliser, unified_features
 from .packing import pack_rows
 from .render import FALLBACK_TEMPLATE, ChatRenderer, end_of_turn_ids
 from .sources import fingerprint, load_source
@@ -384,14 +384,22 @@ def _describe(lengths: np.ndarray) -> dict:
     }
 
 
-def check_step_data(cfg, step: str, setting: str) -> None:
-    """Before a pipeline starts: at least one dataset of `cfg` can feed `step` (its format has the columns the
-    step needs, and the split gives the step rows), or a DataError naming the datasets and the fix."""
+PIPELINE_DATA_FIX = (
+    "add such data to --data, give the step a share in --data-split, or change the steps that run"
+)
+
+
+def check_step_data(cfg, step: str, setting: str, fix: str = PIPELINE_DATA_FIX) -> None:
+    """Before a step (or a whole pipeline) starts: at least one dataset of `cfg` can feed `step` (its format
+    has the columns the step needs, and the split gives the step rows), or a DataError naming the datasets
+    and the fix."""
     settings = cfg if isinstance(cfg, DataSettings) else DataSettings.of(cfg)
     seen = []
     for text in settings.datasets:
         spec = parse_spec(text)
-        raw, fmt_name, fmt, _ = read_source(spec, settings, str(Path(settings.cache_dir) / "raw"))
+        raw, fmt_name, fmt, detected = read_source(spec, settings, str(Path(settings.cache_dir) / "raw"))
+        if detected:
+            check_row_shapes(raw, fmt_name, spec.path)
         share = len(step_part(len(raw), settings.data_split, spec.role, step, settings.seed))
         if can_serve(fmt, raw.column_names, step) and share > 0:
             return
@@ -400,6 +408,5 @@ def check_step_data(cfg, step: str, setting: str) -> None:
         )
     need = " or ".join("+".join(alt) for alt in STEP_NEEDS[step])
     raise DataError(
-        f"{setting}: no dataset can feed step '{step}', which needs {need}: {'; '.join(seen)}. Fix: add such data "
-        "to --data, give the step a share in --data-split, or change the steps that run"
+        f"{setting}: no dataset can feed step '{step}', which needs {need}: {'; '.join(seen)}. Fix: {fix}"
     )

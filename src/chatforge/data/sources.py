@@ -6,7 +6,9 @@ Local files are read by the `datasets` packaged readers into Arrow files under o
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -81,9 +83,12 @@ def _read_file(spec: DatasetSpec, path: Path, reader: str, raw_cache: str):
         raise DataError(f"{spec.path}: the file is empty. Fix: point data.datasets at a non-empty file")
     try:
         # CSV cells are text: without dtype=str pandas would turn a reply like "4" into an int.
-        extra = {"features": _csv_text_features(path)} if reader == "from_csv" else {}
-        return getattr(datasets.Dataset, reader)(str(path), cache_dir=raw_cache, **extra)
+        extra = {"features": _csv_text_features(spec.path, path)} if reader == "from_csv" else {}
+        with _quiet_reader_errors():
+            ds = getattr(datasets.Dataset, reader)(str(path), cache_dir=raw_cache, **extra)
     except Exception as exc:  # pyarrow/pandas parse errors come wrapped several levels deep
+        if _caused_by(exc, UnicodeDecodeError):
+            raise _utf8_error(spec.path, path) from exc
         if path.suffix.lower() in (".json", ".jsonl"):
             located = _locate_json_error(spec.path, path)
             if located is not None:
@@ -93,15 +98,71 @@ def _read_file(spec: DatasetSpec, path: Path, reader: str, raw_cache: str):
             f"{spec.path}: cannot read it as {path.suffix[1:]} ({type(cause).__name__}: {cause}). "
             "Fix: check that the file is complete and in the format its extension says"
         ) from exc
+    if reader != "from_parquet":
+        _check_utf8(spec.path, path, ds)
+    return ds
 
 
-def _csv_text_features(path: Path):
+@contextlib.contextmanager
+def _quiet_reader_errors():
+    """The packaged readers log a failure before raising it; ours is the one-line DataError below."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _check_utf8(label: str, path: Path, ds) -> None:
+    """pyarrow's JSON reader keeps bytes that are not UTF-8; they would surface later as a UnicodeDecodeError
+    deep in a map. A full validation of the Arrow table finds them now (C++ speed)."""
+    import pyarrow as pa
+
+    try:
+        ds.data.table.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        if "utf8" in str(exc).lower():
+            raise _utf8_error(label, path) from None
+        raise DataError(f"{label}: the data read from it is invalid ({exc}). Fix: check the file") from None
+
+
+def _utf8_error(label: str, path: Path) -> DataError:
+    """A DataError naming the first line of `path` that is not UTF-8 (a row for .jsonl and .csv files)."""
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problem = f"not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1})"
+                fix = "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE)"
+                suffix = path.suffix.lower()
+                if suffix in (".jsonl", ".csv"):
+                    return row_error(label, lineno - (suffix == ".csv"), None, problem, fix)
+                return row_error(label, None, None, f"line {lineno} is {problem}", fix)
+    return DataError(f"{label}: not UTF-8 text. Fix: save the file as UTF-8")
+
+
+def _csv_text_features(label: str, path: Path):
     import csv
 
     from datasets import Features, Value
 
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        header = next(csv.reader([first.decode("utf-8")]), [])
+    except UnicodeDecodeError:
+        raise _utf8_error(label, path) from None
     return Features({name: Value("string") for name in header})
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from dataclasses import dataclass
@@ -82,12 +84,16 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
 
     _fill_launcher_env()
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend_name(),
-            auto_mpi_discovery=False,
-            verbose=False,
-            timeout=timedelta(minutes=timeout_minutes),
-        )
+        # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" on every start (CHATFORGE_VERBOSE=1
+        # shows it); a first build's compiler output comes from a subprocess and is not hidden.
+        quiet = os.environ.get("CHATFORGE_VERBOSE") != "1"
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            deepspeed.init_distributed(
+                dist_backend=backend_name(),
+                auto_mpi_discovery=False,
+                verbose=False,
+                timeout=timedelta(minutes=timeout_minutes),
+            )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
     if torch.cuda.is_available():

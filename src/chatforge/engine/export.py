@@ -18,7 +18,8 @@ from .distributed import barrier
 def atomic_dir(out_dir: str | Path, is_main: bool) -> Iterator[Path]:
     """Yield a temp dir beside `out_dir`; on success it replaces `out_dir` in one rename.
 
-    A crash mid-write leaves the previous `out_dir` intact and only a `.tmp-*` dir behind.
+    A failed write (an exception: a full disk) removes the temp dir and keeps the previous `out_dir`; a
+    killed process leaves only a `.NAME.tmp-PID` dir, which the next export beside it removes.
     """
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -27,7 +28,12 @@ def atomic_dir(out_dir: str | Path, is_main: bool) -> Iterator[Path]:
         remove_stale_temp_dirs(out)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if is_main:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():

@@ -6,10 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from .sources import ModelLoadError, check_model_source, check_tokenizer_files, looks_local
 
-class ModelLoadError(ValueError):
-    """A model or tokenizer cannot be loaded as asked; the message names it and the fix."""
+__all__ = [
+    "LoadOptions", "ModelLoadError", "check_model_source", "load_causal_lm", "load_scorer",
+    "load_tokenizer",
+]  # fmt: skip
+# What transformers raises for a model it cannot read (a corrupt weight file raises SafetensorError).
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 
 @dataclass(frozen=True)
@@ -22,29 +28,21 @@ class LoadOptions:
     """Keep the checkpoint's dropout; False removes every dropout (see `remove_dropout`)."""
 
 
-def check_model_source(name_or_path: str) -> None:
-    """A local-looking path must be a model dir; anything else is treated as a hub name."""
-    p = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith((".", "/", "~")) or p.exists()
-    if not looks_local:
-        return
-    if not p.exists():
-        raise ModelLoadError(f"model dir {name_or_path} does not exist: check the path (or give a hub name)")
-    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-        raise ModelLoadError(
-            f"{name_or_path} is not a Hugging Face model dir (no config.json): point to the dir a training "
-            "step wrote (e.g. DIR/actor-sft) or give a hub name"
-        )
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """A tokenizer with a pad token (pad = eos when the model has none, as for Llama 3 and GPT-2)."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, model_dir: bool = True):
+    """A tokenizer with a pad token (pad = eos when the model has none, as for Llama 3 and GPT-2).
+    `model_dir=False` accepts a dir that holds only a tokenizer."""
     from transformers import AutoTokenizer
 
-    check_model_source(name_or_path)
+    if model_dir:
+        check_model_source(name_or_path, trust_remote_code)
+    elif looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise ModelLoadError(
+            f"tokenizer dir {name_or_path} does not exist: check the path (or give a hub name)"
+        )
+    check_tokenizer_files(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         raise ModelLoadError(_explain_load_error(name_or_path, "tokenizer", exc)) from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -96,16 +94,16 @@ def remove_dropout(model: torch.nn.Module) -> None:
 def load_causal_lm(name_or_path: str, opts: LoadOptions, dtype: torch.dtype, pad_token_id: int | None = None):
     from transformers import AutoModelForCausalLM
 
-    check_model_source(name_or_path)
+    check_model_source(name_or_path, opts.trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **_kwargs(opts, dtype))
-    except (OSError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         raise ModelLoadError(_explain_load_error(name_or_path, "model", exc)) from None
     _finish(model, opts, pad_token_id)
     return model
 
 
-REWARD_HEADS_KEY = "chatforge_reward_heads"
+REWARD_HEADS_KEY = "chatforge_reward_heads"  # also read by models/sources.py
 
 
 def load_scorer(
@@ -118,21 +116,11 @@ def load_scorer(
     the K heads of a chatforge ensemble). With `heads=K` (training), a causal-LM checkpoint or one with
     another head count gets a fresh K-output head on its backbone, said in one line instead of
     transformers' table of missing and unexpected keys."""
-    from transformers import AutoConfig
-
-    check_model_source(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=opts.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(_explain_load_error(name_or_path, "model", exc)) from None
+    config = _scorer_config(name_or_path, opts.trust_remote_code)
     trained_heads = _reward_heads(config)
     if heads is None:
         if trained_heads is None:
-            raise ModelLoadError(
-                f"{name_or_path} is not a reward model (architectures {getattr(config, 'architectures', None)}, "
-                f"num_labels={getattr(config, 'num_labels', None)}): give the dir step 2 wrote (DIR/reward), "
-                "or a sequence-classification model with one output"
-            )
+            raise ModelLoadError(f"{name_or_path} {_not_a_reward_model(config)}")
         heads = trained_heads
     elif trained_heads != heads:
         import logging
@@ -146,6 +134,16 @@ def load_scorer(
     model = _from_pretrained_quietly(name_or_path, config, opts, dtype)
     _finish(model, opts, pad_token_id)
     return model
+
+
+def _scorer_config(name_or_path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    check_model_source(name_or_path, trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as exc:
+        raise ModelLoadError(_explain_load_error(name_or_path, "model", exc)) from None
 
 
 def _reward_heads(config) -> int | None:
@@ -167,10 +165,19 @@ def _from_pretrained_quietly(name_or_path: str, config, opts: LoadOptions, dtype
         return AutoModelForSequenceClassification.from_pretrained(
             name_or_path, config=config, ignore_mismatched_sizes=True, **_kwargs(opts, dtype)
         )
-    except (OSError, ValueError) as exc:
+    except LOAD_ERRORS as exc:
         raise ModelLoadError(_explain_load_error(name_or_path, "model", exc)) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _not_a_reward_model(config) -> str:
+    """Why a checkpoint cannot score as it is, and the fix."""
+    fix = "give the dir step 2 wrote (DIR/reward), or a sequence-classification model with one output"
+    if not _is_scorer(config):
+        kind = ", ".join(getattr(config, "architectures", None) or ["no architectures in config.json"])
+        return f"is not a reward model ({kind}, no score head): {fix}"
+    return f"has a score head with num_labels={getattr(config, 'num_labels', None)}, not 1: {fix}"
 
 
 def _is_scorer(config) -> bool:

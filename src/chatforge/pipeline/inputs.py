@@ -1,10 +1,12 @@
 """What a step of `chatforge train` is made from, so a rerun can tell "the same run, resume it" from "another
 run in the same dir". Each step's run dir keeps `made_from.json`: its settings and a fingerprint of every
 input it reads from outside the pipeline (model dirs: config and weight file sizes/times; local data files:
-a content hash). A rerun whose record differs refuses with the first difference and the fix."""
+a content hash; an earlier step's output: the digest of that step's record). A rerun whose record differs
+refuses with the first difference and the fix."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -13,16 +15,20 @@ from pathlib import Path
 from chatforge.config import ConfigError, to_dict
 
 RECORD = "made_from.json"
-RUN_ONLY = ("train.resume",)  # how the step is run, not what it is made from
+# How the step is run, not what it is made from: changing these does not make it another run.
+RUN_ONLY = ("train.resume", "train.report_to")
 
 
 class RerunError(ConfigError):
     """A rerun would reuse or resume a step that was made from other inputs."""
 
 
-def made_from(step_cfg, name: str, internal: Path | None = None) -> dict:
-    """{settings, inputs} of one step. Model dirs under `internal` (earlier steps' outputs) are not
-    fingerprinted: they may not exist yet, and the earlier step's own record vouches for them."""
+def made_from(
+    step_cfg, name: str, internal: Path | None = None, produced: dict[str, str] | None = None
+) -> dict:
+    """{settings, inputs} of one step. A model dir under `internal` (an earlier step's output, which may not
+    exist yet) is recorded as `produced[its path]`: the digest of the record of the step that writes it, so
+    a step made from another step-1 model is seen as changed even if the dir has the same name."""
     settings = _flatten(to_dict(step_cfg))
     for key in RUN_ONLY:
         settings.pop(key, None)
@@ -32,14 +38,35 @@ def made_from(step_cfg, name: str, internal: Path | None = None) -> dict:
     for key, value in settings.items():
         if key.endswith("name_or_path") or key == "reward.models":
             for path in value if isinstance(value, list) else [value]:
-                if internal is None or not _inside(path, internal):
-                    inputs[f"model:{path}"] = _model_fingerprint(path)
+                inputs[f"model:{path}"] = _model_input(path, internal, produced or {})
     return {"step": name, "settings": settings, "inputs": inputs}
+
+
+def record_digest(record: dict) -> str:
+    """'<step>@<sha256 prefix>' of a record: what a later step made from this step's output records."""
+    text = json.dumps(record, sort_keys=True)
+    return f"{record['step']}@{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _model_input(path: str, internal: Path | None, produced: dict[str, str]) -> str:
+    plain = path.rpartition("*")[0] if _has_weight(path) else path
+    if internal is not None and _inside(plain, internal):
+        return produced.get(str(Path(plain).resolve()), "internal")
+    return _model_fingerprint(plain)
+
+
+def _has_weight(spec: str) -> bool:
+    head, sep, tail = spec.rpartition("*")
+    try:
+        float(tail)
+    except ValueError:
+        return False
+    return bool(sep)
 
 
 def _inside(path: str, root: Path) -> bool:
     try:
-        Path(path.rpartition("*")[0] or path).resolve().relative_to(root.resolve())
+        Path(path).resolve().relative_to(root.resolve())
     except ValueError:
         return False
     return True
@@ -52,7 +79,8 @@ def write_made_from(run_dir: Path, record: dict) -> None:
 
 
 def check_rerun(run_dir: Path, name: str, record: dict, done: bool) -> None:
-    """Raise RerunError when `run_dir` holds this step made (or being made) from other inputs."""
+    """Raise RerunError when `run_dir` holds this step made (or checkpointed while being made) from other
+    inputs."""
     path = run_dir / RECORD
     if not path.is_file():
         if done:
@@ -61,6 +89,8 @@ def check_rerun(run_dir: Path, name: str, record: dict, done: bool) -> None:
                 "use a new --output-dir, or --restart-from to redo it"
             )
         return
+    if not done and not any((run_dir / "checkpoints").glob("*/latest")):
+        return  # it stopped before its first checkpoint: nothing to resume or lose, it starts anew
     old = json.loads(path.read_text())
     diff = _first_difference(old, record)
     if diff is not None:
@@ -76,9 +106,21 @@ def _first_difference(old: dict, new: dict) -> str | None:
         a, b = old.get(section, {}), new.get(section, {})
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
-                what = "input" if section == "inputs" else "setting"
-                return f"{what} {key} was {_short(a.get(key))}, now {_short(b.get(key))}"
+                return _describe_change(section, key, a.get(key), b.get(key))
     return None
+
+
+def _describe_change(section: str, key: str, old, new) -> str:
+    if section == "settings":
+        return f"setting {key} was {_short(old)}, now {_short(new)}"
+    kind, _, what = key.partition(":")
+    if old is None or new is None:
+        return f"{kind} input {what} {'is new' if old is None else 'is no longer used'}"
+    if kind == "data":
+        return f"the content of data file {what} changed since (sha256 {old[:12]}..., now {new[:12]}...)"
+    if "@" in str(new):  # an earlier step's output
+        return f"{what} (the output of step '{new.partition('@')[0]}') is now made from other inputs"
+    return f"model {what} changed since (its config.json or weight files)"
 
 
 def _short(value) -> str:
@@ -103,11 +145,27 @@ def _data_fingerprint(spec: str) -> str:
     path = Path(parse_spec(spec).path).expanduser()
     if not path.exists():
         return f"hub:{spec}"
+    if path.is_file():
+        return _file_sha256(str(path.resolve()), *_size_time(path))
     digest = hashlib.sha256()
-    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        sha = _file_sha256(str(file.resolve()), *_size_time(file))
+        digest.update(f"{file.relative_to(path)}:{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def _size_time(file: Path) -> tuple[int, int]:
+    stat = file.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Content hash, once per (file, size, mtime) in a process: every step reads the same data files."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 

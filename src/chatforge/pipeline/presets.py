@@ -47,22 +47,24 @@ def preset(name: str, gpus: int) -> Deployment:
     raise ValueError(f"unknown deployment type {name!r}")
 
 
-def count_parameters(name_or_path: str) -> int:
+def count_parameters(name_or_path: str, trust_remote_code: bool = False) -> int:
     """Parameters of a model from its config alone (built on the meta device: no weights loaded)."""
+    from chatforge.models.sources import ModelLoadError, check_model_source
+
+    check_model_source(
+        name_or_path, trust_remote_code
+    )  # before the heavy imports: a wrong path fails in a second
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from chatforge.models.loading import ModelLoadError, check_model_source
-
-    check_model_source(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot read the config of {name_or_path!r} to size the run: {str(exc).splitlines()[0]}"
         ) from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -134,17 +136,24 @@ def measured_memory() -> tuple[int, int]:
     return gpu, ram
 
 
-def choose(name: str, actor_model: str, reward_model: str, num_processes: int | None = None) -> Deployment:
+def choose(
+    name: str,
+    actor_model: str,
+    reward_model: str,
+    num_processes: int | None = None,
+    trust_remote_code: bool = False,
+) -> Deployment:
     """The preset `name` (or the measured `auto` plan); `num_processes` overrides its process count (several
     processes on a single-process preset run under torchrun)."""
     import dataclasses
 
-    gpus = gpu_count()
+    gpus = gpu_count() if name in ("auto", "single_node", "multi_node") else 0  # torch: 3 s to import
     if name != "auto":
         dep = preset(name, gpus)
     else:
         gpu_bytes, ram_bytes = measured_memory()
-        dep = auto(count_parameters(actor_model), count_parameters(reward_model), gpus, gpu_bytes, ram_bytes)
+        params = [count_parameters(m, trust_remote_code) for m in (actor_model, reward_model)]
+        dep = auto(*params, gpus, gpu_bytes, ram_bytes)
     if num_processes is None or num_processes == dep.processes:
         return dep
     launcher = dep.launcher if dep.launcher != "none" or num_processes == 1 else "torchrun"

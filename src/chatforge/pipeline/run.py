@@ -5,9 +5,9 @@ group (under the deployment's launcher), so its memory is returned before the ne
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +15,17 @@ from pathlib import Path
 from chatforge.config import ConfigError, load_config, save_yaml
 
 from .config import PipelineConfig, refuse_filled
-from .inputs import check_rerun, made_from, write_made_from
+from .inputs import check_rerun, made_from, record_digest, write_made_from
+from .launch import launch
 from .presets import Deployment, choose
 
 OUTPUTS = {"sft": "actor-sft", "reward": "reward", "dpo": "actor-dpo", "ppo": "actor-rlhf"}
 
 
 class PipelineError(RuntimeError):
-    """A step failed; the message says which and whether resuming can help."""
+    """A step crashed; the message says which and that rerunning the command resumes it."""
+
+    exit_code = 1
 
 
 class BadStepInput(ConfigError):
@@ -73,7 +76,8 @@ def load_pipeline_config(path: str | None, overrides: list[str]) -> tuple[Pipeli
     refuse_filled(overrides, {})
     first = load_config(PipelineConfig, path, overrides)
     reward_model = first.reward_model if first.reward_model not in ("", "sft", "none") else first.actor_model
-    deployment = choose(first.deployment_type, first.actor_model, reward_model, first.num_processes)
+    trust = first.sft.engine.trust_remote_code
+    deployment = choose(first.deployment_type, first.actor_model, reward_model, first.num_processes, trust)
     cfg = load_config(PipelineConfig, path, overrides, base=preset_overrides(deployment))
     _apply_stages(cfg, cfg.actor_zero_stage, cfg.reward_zero_stage)
     return cfg, deployment
@@ -144,18 +148,44 @@ def _data_for(shared, cls):
 
 
 def validate_all(cfg: PipelineConfig, configs: dict[int, object], layout: Layout) -> None:
-    """Every step's settings and data, checked before step 1 starts: a typo in a step-3 setting or a data
-    file that cannot feed a later step fails now, not after hours of training."""
-    from chatforge.data.pipeline import check_step_data
+    """Every step's settings and the models the pipeline starts from, checked before step 1 starts: a typo
+    in a step-3 setting or a missing model dir fails now, not after hours of training (the data: see
+    `check_data`)."""
+    from chatforge.models.sources import check_model_source, check_tokenizer_files
 
     for step, step_cfg in configs.items():
-        name = layout.names[step]
-        _validate_step(step_cfg, name)
+        _validate_step(step_cfg, layout.names[step])
+    for path in {configs[1].model.name_or_path, *_external_models(configs, layout)}:
+        check_model_source(path, cfg.sft.engine.trust_remote_code)
+    for step_cfg in (c for c in configs.values() if hasattr(c, "model")):  # steps 1-2 read their tokenizer
+        check_tokenizer_files(step_cfg.model.name_or_path)
+
+
+def check_data(cfg: PipelineConfig, configs: dict[int, object], layout: Layout, steps: list[int]) -> None:
+    """The data every step in `steps` reads can feed it (a chat-only file cannot feed a reward model)."""
+    from chatforge.data.pipeline import check_step_data
+
+    for step in steps:
+        name, step_cfg = layout.names[step], configs[step]
         check_step_data(
             cfg.data, {"sft": "sft", "reward": "reward", "dpo": "reward", "ppo": "ppo"}[name], name
         )
         if name == "ppo" and step_cfg.ptx.coef > 0:
             check_step_data(step_cfg.ptx, "ptx", "ppo.ptx")
+
+
+def _external_models(configs: dict[int, object], layout: Layout) -> list[str]:
+    """Model dirs of steps 2-3 that no earlier step writes (e.g. --reward-model, ppo.reward.models)."""
+    from chatforge.config.rl import strip_weight
+
+    outputs = {str(layout.output(s).resolve()) for s in layout.names}
+    found = []
+    for step_cfg in list(configs.values())[1:]:
+        for section in ("model", "policy", "ref", "actor", "critic"):
+            path = getattr(getattr(step_cfg, section, None), "name_or_path", None)
+            found += [path] if path else []
+        found += [strip_weight(m) for m in getattr(getattr(step_cfg, "reward", None), "models", [])]
+    return [p for p in found if str(Path(p).resolve()) not in outputs]
 
 
 def _validate_step(step_cfg, name: str) -> None:
@@ -165,20 +195,35 @@ def _validate_step(step_cfg, name: str) -> None:
         raise ConfigError(f"{name}: {exc}") from None
 
 
+def records_of(configs: dict[int, object], layout: Layout) -> dict[int, dict]:
+    """Each step's made_from record; a step reading an earlier step's output records that step's digest."""
+    records: dict[int, dict] = {}
+    produced: dict[str, str] = {}
+    for step in sorted(configs):
+        records[step] = made_from(configs[step], layout.names[step], layout.root, produced)
+        produced[str(layout.output(step).resolve())] = record_digest(records[step])
+    return records
+
+
 def run_pipeline(cfg: PipelineConfig, dep: Deployment, restart_from: int | None = None) -> Layout:
     """Validate everything, check a rerun against what the finished steps were made from, then run the
-    steps. `restart_from=N` deletes the run dirs and outputs of steps N and later first (a new run of them)."""
+    steps. `restart_from=N` deletes the run dirs and outputs of steps N and later first (a new run of them),
+    once every check passed."""
     layout = Layout(Path(cfg.output_dir), cfg.step_names)
     configs = step_configs(cfg, layout)
     steps = [s for s in cfg.selected_steps if s in configs]
-    validate_all(cfg, {s: configs[s] for s in steps}, layout)
-    if restart_from is not None:
-        for step in (s for s in layout.names if s >= restart_from):
-            for path in (layout.run_dir(step), layout.output(step), Path(f"{layout.output(step)}-ema")):
-                shutil.rmtree(path, ignore_errors=True)
-    records = {s: made_from(configs[s], layout.names[s], internal=layout.root) for s in steps}
+    if restart_from is not None and restart_from not in steps:
+        raise ConfigError(f"--restart-from {restart_from}: not one of the steps this command runs ({steps})")
+    check_output_dir(layout.root)
+    validate_all(cfg, configs, layout)
+    records = records_of(configs, layout)
+    check_earlier_outputs(records, layout, steps)
     for step in steps:
-        check_rerun(layout.run_dir(step), layout.names[step], records[step], layout.done(step))
+        if restart_from is None or step < restart_from:
+            check_rerun(layout.run_dir(step), layout.names[step], records[step], layout.done(step))
+    check_data(cfg, configs, layout, steps)
+    if restart_from is not None:
+        _delete_steps_from(restart_from, layout)
     layout.root.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, layout.root / "config.yaml")
     print(f"deployment: {dep.name} -- {dep.reason}")
@@ -193,6 +238,14 @@ def run_pipeline(cfg: PipelineConfig, dep: Deployment, restart_from: int | None 
     return layout
 
 
+def _delete_steps_from(first: int, layout: Layout) -> None:
+    for step in (s for s in layout.names if s >= first):
+        for path in (layout.run_dir(step), layout.output(step), Path(f"{layout.output(step)}-ema")):
+            if path.exists():
+                print(f"--restart-from {first}: deleting {path}")
+                shutil.rmtree(path)
+
+
 def _run_step(
     step: int, step_cfg, record: dict, dep: Deployment, hostfile: str | None, layout: Layout
 ) -> None:
@@ -200,7 +253,6 @@ def _run_step(
     if layout.done(step):
         print(f"step {step} ({name}): already finished from the same inputs, skipping")
         return
-    _check_inputs(step_cfg, name)
     path = layout.step_config(step)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_yaml(step_cfg, path)
@@ -209,31 +261,81 @@ def _run_step(
     cmd = [*launcher_prefix(dep, hostfile), "chatforge.cli", name, "--config", str(path)]
     print(f"step {step} ({name}): {' '.join(cmd)}", flush=True)
     error_file = layout.run_dir(step) / "ERROR"
-    error_file.unlink(missing_ok=True)
+    for old in error_file.parent.glob("ERROR*"):
+        old.unlink()
     env = {**os.environ, "CHATFORGE_PIPELINE_STEP": str(step), "CHATFORGE_ERROR_FILE": str(error_file)}
-    code = subprocess.call(cmd, env=env)
-    if code != 0 and error_file.is_file():
-        raise BadStepInput(f"step {step} ({name}): {error_file.read_text().strip()}")
-    if code != 0 or not layout.done(step):
-        raise PipelineError(
-            f"step {step} ({name}) failed (exit code {code}); see the log above and {layout.run_dir(step)}. "
-            "Rerun the same command to resume from its last checkpoint."
-        )
+    if dep.launcher == "torchrun":
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning about it
+    code = launch(cmd, env, error_file, hide_launcher_report=uses_launcher(dep))
+    _raise_step_failure(step, name, code, error_file, layout)
 
 
-def _check_inputs(step_cfg, name: str) -> None:
-    """The model dirs an earlier step wrote must exist by now."""
-    paths = {"dpo": lambda: [step_cfg.policy.name_or_path], "ppo": lambda: [step_cfg.actor.name_or_path]}
-    for path in paths.get(name, list)():
-        if not (Path(path) / "config.json").is_file():
+def _raise_step_failure(step: int, name: str, code: int, error_file: Path, layout: Layout) -> None:
+    """The step's own one-line error (first rank that wrote one), or the exit code: bad input is not
+    resumable, a crash is."""
+    if code == 0 and layout.done(step):
+        return
+    failure = read_step_error(error_file)
+    if code == 130 or (failure and failure["code"] == 130):
+        raise KeyboardInterrupt
+    if failure and failure["code"] == 2:
+        raise BadStepInput(f"step {step} ({name}): {failure['line']}")
+    resume = "Rerun the same command to resume from its last checkpoint."
+    if failure:
+        line = failure["line"]
+        raise PipelineError(f"step {step} ({name}): {line}" + ("" if "resume" in line else f". {resume}"))
+    print(file=sys.stderr)  # a process that died hard may have left a progress bar's line open
+    raise PipelineError(
+        f"step {step} ({name}) failed (exit code {code}); see the log above and {layout.run_dir(step)}. {resume}"
+    )
+
+
+def read_step_error(error_file: Path) -> dict | None:
+    """{code, line, rank} a step's rank wrote (rank 0's first), or None."""
+    for path in [error_file, *sorted(error_file.parent.glob(error_file.name + ".rank*"))]:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_earlier_outputs(records: dict[int, dict], layout: Layout, steps: list[int]) -> None:
+    """A step that reads an earlier step's output (DIR/actor-sft, DIR/reward) needs that step finished, or
+    running first in this command: `--step 3` before steps 1-2 fails now, not inside step 3."""
+    by_name = {name: step for step, name in layout.names.items()}
+    for step in steps:
+        needed = {}  # earlier step -> the path of its output this step reads
+        for key, value in records[step]["inputs"].items():
+            earlier = by_name.get(str(value).partition("@")[0]) if "@" in str(value) else None
+            if earlier is not None and earlier not in steps and not layout.done(earlier):
+                needed.setdefault(earlier, key.partition(":")[2])
+        if needed:
+            first = min(needed)
             raise ConfigError(
-                f"step {name} needs {path} (an earlier step's output); run the earlier steps first"
+                f"step {step} ({layout.names[step]}) reads {needed[first]}, the output of step {first} "
+                f"({layout.names[first]}), which has not finished: run the earlier steps first "
+                f"(--step {' '.join(map(str, sorted({*needed, *steps})))})"
             )
+
+
+def check_output_dir(root: Path) -> None:
+    """DIR must be a dir this process can create or write."""
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {root}: {existing} is a file. Fix: give a dir path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {root} is not writable ({existing}). Fix: give a writable dir")
+
+
+def uses_launcher(dep: Deployment) -> bool:
+    """Whether steps run under torchrun or the deepspeed launcher (else as one plain process)."""
+    return not (dep.launcher == "none" or dep.processes == 1 and dep.launcher != "deepspeed")
 
 
 def launcher_prefix(dep: Deployment, hostfile: str | None) -> list[str]:
     """The command that precedes `chatforge.cli <step> ...` (run as a module)."""
-    if dep.launcher == "none" or dep.processes == 1 and dep.launcher != "deepspeed":
+    if not uses_launcher(dep):
         return [sys.executable, "-m"]
     if dep.launcher == "torchrun":
         return [

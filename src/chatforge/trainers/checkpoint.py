@@ -8,6 +8,8 @@ checkpoint. `CHATFORGE_FAULT_AT_STEP=N` makes a trainer die hard after step N (r
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 import shutil
@@ -49,12 +51,66 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+class DiskFullError(OSError):
+    """The disk filled up while writing a checkpoint or a model; the message names the dir, what was being
+    written, and the checkpoint that is kept (the partial one is removed to give the space back)."""
+
+    described = True  # chatforge.cli.describe_error prints the message as it is
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_disk_full(exc: BaseException, where: Path) -> bool:
+    """ENOSPC/EDQUOT from Python, or torch.save's 'file write failed' (it drops the errno) on a full disk."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    if "No space left on device" in text:
+        return True
+    if isinstance(exc, RuntimeError) and "write failed" in text:
+        probe = next((p for p in [where, *where.parents] if p.exists()), Path("/"))
+        return shutil.disk_usage(probe).free < (64 << 20)
+    return False
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(run: RunDir, what: str, engine_name: str, partial_tag: str | None = None):
+    """Turn a full disk while writing `what` into a DiskFullError naming the kept checkpoint."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, DiskFullError) or not is_disk_full(exc, run.root):
+            raise
+        kept = latest_tag(run, engine_name)
+        if partial_tag is not None and partial_tag != kept:
+            for path in run.checkpoints.glob(f"*/{partial_tag}"):
+                shutil.rmtree(path, ignore_errors=True)
+        keeps = (
+            f"the last complete checkpoint ({kept}, in {run.checkpoints}) is kept"
+            if kept
+            else ("there is no complete checkpoint yet")
+        )
+        raise DiskFullError(f"no space left on {run.root} while writing {what}; {keeps}") from exc
+
+
 def save_checkpoint(
     run: RunDir, engines: dict, tag: str, shared: dict, generators: dict | None = None,
     keep: tuple[str, ...] = (),
 ) -> None:  # fmt: skip
     """Every engine's state (the first one last: its `latest` is the commit point), `shared` (the loop
-    state, the same on every rank) and each rank's RNG state. Older tags are pruned except `keep`."""
+    state, the same on every rank) and each rank's RNG state. Older tags are pruned except `keep`. A full
+    disk raises DiskFullError (the partial tag is removed; `latest` still names a complete checkpoint)."""
+    names = list(engines)
+    with naming_a_full_disk(run, f"checkpoint {tag}", names[0], partial_tag=tag):
+        _save_checkpoint(run, engines, tag, shared, generators, keep)
+
+
+def _save_checkpoint(run: RunDir, engines: dict, tag: str, shared: dict, generators, keep) -> None:
     from chatforge.engine import barrier
 
     names = list(engines)

@@ -6,12 +6,13 @@ do the rest (process layout, data, schedule, resume, logging, periodic evals and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from chatforge.config import save_yaml, to_dict
 
-from .checkpoint import load_checkpoint, maybe_die, save_checkpoint, seed_everything
+from .checkpoint import load_checkpoint, maybe_die, naming_a_full_disk, save_checkpoint, seed_everything
 from .guard import NonFiniteGuard
-from .run_dir import MetricsLogger, Progress, RunDir, log
+from .run_dir import MetricsLogger, Progress, RunDir, check_run_dir, log
 from .schedule import BatchSchedule
 
 
@@ -40,27 +41,32 @@ def setup_offline(config, step: str, data_step: str, collate_cls) -> OfflineSetu
     from chatforge.data import load_step_data
     from chatforge.engine import init_distributed
     from chatforge.engine.sequence_parallel import init_sequence_parallel, reject_packing
-    from chatforge.models.loading import load_tokenizer
+    from chatforge.models.loading import check_model_source, load_tokenizer
 
     config.validate()
     t, b = config.train, config.batch
+    # Everything that can be wrong with the inputs fails here, before the run dir is touched.
+    check_run_dir(Path(t.output_dir), step, t.resume)
+    model = getattr(config, "model", None) or config.policy
+    tokenizer = load_tokenizer(model.name_or_path, config.engine.trust_remote_code)
+    ref = getattr(config, "ref", None)
+    if ref is not None and ref.name_or_path != model.name_or_path:
+        check_model_source(ref.name_or_path, config.engine.trust_remote_code)
+    data = load_step_data(config.data, tokenizer, data_step)
     dist = init_distributed()
     # Ranks of one sequence-parallel group share each row, so rows are dealt over data-parallel ranks.
     sp = init_sequence_parallel(config.engine.sequence_parallel_size, dist)
     reject_packing(getattr(config.data, "packing", False), sp)
     dp = sp.data_parallel(dist)
-    run = RunDir.create(t.output_dir, t.final_model_dir)
-    run.claim(step, dist.is_main)
-    seed_everything(t.seed)
-    if dist.is_main:
-        save_yaml(config, run.config)
-    model = getattr(config, "model", None) or config.policy
-    tokenizer = load_tokenizer(model.name_or_path, config.engine.trust_remote_code)
-    data = load_step_data(config.data, tokenizer, data_step)
     schedule = BatchSchedule(
         len(data.train), b.micro_batch_size, b.gradient_accumulation_steps, dp.rank, dp.world_size, t.seed
     )
     schedule.require_one_step(step)
+    run = RunDir.create(t.output_dir, t.final_model_dir)
+    run.claim(step, dist.is_main, t.resume)
+    seed_everything(t.seed)
+    if dist.is_main:
+        save_yaml(config, run.config)
     metrics = MetricsLogger(run, dist.is_main, t.report_to, to_dict(config))
     return OfflineSetup(
         dist, sp, dp, run, tokenizer, data, collate_cls(tokenizer), schedule,
@@ -109,8 +115,10 @@ def finish_offline(trainer, final: dict, before_done=None) -> None:
     """Final checkpoint, the plain HF model (atomic), `before_done()` (extra files), then the DONE marker."""
     s = trainer.setup
     _save(trainer)
-    next(iter(trainer.engines.values())).save_hf(s.run.final_model, s.tokenizer, adapter=False)
-    if before_done is not None:
-        before_done()
+    name, engine = next(iter(trainer.engines.items()))
+    with naming_a_full_disk(s.run, f"the model {s.run.final_model}", name):
+        engine.save_hf(s.run.final_model, s.tokenizer, adapter=False)
+        if before_done is not None:
+            before_done()
     s.run.mark_done(s.dist.is_main, trainer.step, final)
     s.metrics.close()

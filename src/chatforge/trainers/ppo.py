@@ -52,7 +52,7 @@ from chatforge.generation import GenerationOutput
 from chatforge.generation.backends import GenerationBackend, build_backend
 from chatforge.rewards import Responses, RewardSignal, load_function, split_weight
 
-from .checkpoint import load_checkpoint, maybe_die, save_checkpoint, seed_everything
+from .checkpoint import load_checkpoint, maybe_die, naming_a_full_disk, save_checkpoint, seed_everything
 from .guard import NonFiniteGuard, finite_or_zero, zeroed_gradients
 from .run_dir import MetricsLogger, Progress, RunDir
 from .schedule import BatchSchedule, BatchStream
@@ -332,7 +332,7 @@ class PPOTrainer:
 
         c, t = self.cfg, self.cfg.train
         run = RunDir.create(t.output_dir, t.final_model_dir, default_model="actor")
-        run.claim("ppo", self.dist.is_main)
+        run.claim("ppo", self.dist.is_main, t.resume)
         seed_everything(t.seed)
         if self.dist.is_main:
             save_yaml(c, run.config)
@@ -345,6 +345,8 @@ class PPOTrainer:
         self.run, self.schedule = run, schedule
         self.metrics = MetricsLogger(run, self.dist.is_main, t.report_to, to_dict(c))
         self.eval_rows = eval_rows(data, c.eval.prompts, self.dp.rank, self.dp.world_size)
+        if len(data.eval) == 0:
+            log.warning("ppo: no held-out prompts (data.eval_fraction=0): evaluations use training prompts")
         self.best: dict = {}
         self.baseline: dict = {}
         self.step = self._resume() if t.resume else 0
@@ -570,6 +572,10 @@ class PPOTrainer:
         """The final model (the best checkpoint by the gold signal when there is one, else the last), the
         last one as <output_dir>/actor-last when they differ, the EMA actor and the critic."""
         self._save()
+        with naming_a_full_disk(self.run, f"the models in {self.run.root}", "actor"):
+            self._write_models()
+
+    def _write_models(self) -> None:
         actor, run = self.engine.actor, self.run
         if self.ema is not None:
             self.ema.save(actor.module, f"{run.final_model}-ema", self.tokenizer)

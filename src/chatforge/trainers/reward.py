@@ -22,6 +22,7 @@ from chatforge.rewards import REWARD_STATS_FILE
 
 from .guard import finite_or_zero, zeroed_gradients
 from .offline_loop import finish_offline, run_offline_loop, setup_offline
+from .run_dir import log
 from .schedule import eval_batches, pad_collective_forwards
 
 
@@ -131,7 +132,13 @@ class RewardTrainer:
         return result, {"mean": mean.tolist(), "std": var.sqrt().tolist(), "count": int(2 * n)}
 
     def _save_score_stats(self, stats: dict) -> None:
-        """Per-head score mean/std over held-out chosen and rejected responses, for reward normalisation."""
-        if self.dist.is_main:
+        """Per-head score mean/std over held-out chosen and rejected responses, for reward normalisation.
+        Without held-out pairs there are no statistics: no file (step 3 then uses raw scores), said once."""
+        if self.dist.is_main and stats["count"] == 0:
+            log.warning(
+                "reward: no held-out pairs (data.eval_fraction=0 or a tiny step-2 split), so no %s: step 3 "
+                "will use raw scores", REWARD_STATS_FILE,
+            )  # fmt: skip
+        elif self.dist.is_main:
             (self.run.final_model / REWARD_STATS_FILE).write_text(json.dumps(stats, indent=2))
         barrier()

@@ -18,6 +18,42 @@ class RunDirError(ValueError):
     """A run dir that cannot be used as asked (another step's, or not writable)."""
 
 
+STEP_MARKER = "STEP"
+
+
+def check_run_dir(root: Path, step: str, resume: bool) -> None:
+    """Raise RunDirError when `root` cannot take a `step` run (see `RunDir.claim`); reads only."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunDirError(f"train.output_dir {root} is a file, not a dir. Fix: give a dir path")
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise RunDirError(
+            f"cannot create train.output_dir {root}: {existing} is a file. Fix: give a dir path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"train.output_dir {root} is not writable ({existing}). Fix: give a writable dir")
+    marker = root / STEP_MARKER
+    owner = marker.read_text().strip() if marker.is_file() else step
+    if owner != step:
+        raise RunDirError(
+            f"{root} holds a '{owner}' run; a '{step}' run cannot write there. Fix: give "
+            f"train.output_dir another dir (the default for {step} is runs/{step})"
+        )
+    if resume:
+        return
+    state = "finished" if (root / "DONE").is_file() else "checkpointed" if _has_checkpoint(root) else None
+    if state:
+        raise RunDirError(
+            f"{root} holds a {state} '{step}' run. Fix: continue it with --resume (train.resume=true), or "
+            "give train.output_dir a new dir (a fresh run there would replace its model)"
+        )
+
+
+def _has_checkpoint(root: Path) -> bool:
+    return any((root / "checkpoints").glob("*/latest"))
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Layout of one training run: <output_dir>/{checkpoints,tb,metrics.jsonl,samples.jsonl,config.yaml,DONE}."""
@@ -62,19 +98,13 @@ class RunDir:
     def done_marker(self) -> Path:
         return self.root / "DONE"
 
-    def claim(self, step: str, is_main: bool) -> None:
-        """Record which step writes here; refuse a run dir another step wrote (a reward run would overwrite
-        the SFT model and mix its metrics into the SFT run's)."""
-        marker = self.root / "STEP"
-        if marker.is_file():
-            owner = marker.read_text().strip()
-            if owner != step:
-                raise RunDirError(
-                    f"{self.root} holds a '{owner}' run; a '{step}' run cannot write there. Fix: give "
-                    f"train.output_dir another dir (the default for {step} is runs/{step})"
-                )
-        elif is_main:
-            marker.write_text(step + "\n")
+    def claim(self, step: str, is_main: bool, resume: bool = True) -> None:
+        """Record which step writes here. Refuse a run dir another step wrote (a reward run would overwrite
+        the SFT model and mix its metrics into the SFT run's), and a fresh run (resume=False) where a run of
+        this step already checkpointed or finished (starting over would replace what it made)."""
+        check_run_dir(self.root, step, resume)
+        if is_main and not (self.root / STEP_MARKER).is_file():
+            (self.root / STEP_MARKER).write_text(step + "\n")
 
     def mark_done(self, is_main: bool, step: int, final: dict) -> None:
         if is_main:

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import torch
 
+from chatforge.data.errors import DataError
+
 
 def epoch_batches(n_rows: int, batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
     """This rank's micro-batches of row indices for one epoch: a seeded permutation, dealt round-robin,
@@ -61,9 +63,10 @@ class BatchSchedule:
         """A one-line error when the split cannot fill one optimizer step on every rank."""
         if self.steps_per_epoch == 0:
             global_batch = self.micro * self.accumulation * self.world
-            raise ValueError(
-                f"the {what} split has {self.n_rows} rows: too few for one optimizer step of {global_batch} rows "
-                "over all ranks; lower the batch size or add data"
+            raise DataError(
+                f"the {what} split has {self.n_rows} training rows: too few for one optimizer step of "
+                f"{global_batch} rows over all ranks. Fix: lower the batch size (batch.micro_batch_size, "
+                "rollout.batch_size), give the step a larger share of the data, or add data"
             )
 
 
