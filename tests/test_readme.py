@@ -72,7 +72,8 @@ def command_lines(text: str) -> list[str]:
 
 def _chatforge_args(line: str) -> list[str] | None:
     """The arguments chatforge gets from a command line, or None when it does not run chatforge."""
-    tokens = shlex.split(line.replace("[", " ").replace("]", " "), comments=True)
+    # Usage brackets ([--port N]) are dropped; a config value's list (key=[a,b]) stays.
+    tokens = shlex.split(re.sub(r"(?<!=)\[([^\]]*)\]", r" \1 ", line), comments=True)
     while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):  # VAR=value prefixes
         tokens.pop(0)
     if tokens[:1] == ["chatforge"]:

@@ -43,7 +43,7 @@ def reference(fixture_dir, tmp_path_factory) -> list[float]:
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+@pytest.mark.parametrize("launcher", ["deepspeed", pytest.param("accelerate", marks=pytest.mark.slow)])
 def test_two_processes_under_launcher_match_one_without(launcher, reference, fixture_dir, tmp_path):
     losses, seen = _run(tmp_path, fixture_dir / "llama", launcher, 2)
     assert seen == [

@@ -74,6 +74,7 @@ def test_sp2_logits_loss_scores_and_gradients_match_full_sequence(fixture_dir, t
         assert diffs["grad_scale"] > 1e-2, (name, diffs)  # the gradients compared are not all ~0
 
 
+@pytest.mark.slow  # ~45 s; the one-step equivalence above stays in the default suite
 @pytest.mark.multiproc
 def test_sp2_sft_and_reward_training_follow_the_sp1_curves(fixture_dir, tmp_path):
     from chatforge.fixtures import task_rows
@@ -89,7 +90,8 @@ def test_sp2_sft_and_reward_training_follow_the_sp1_curves(fixture_dir, tmp_path
         assert len(one["loss"]) == 5
         assert two["loss"] == pytest.approx(one["loss"], rel=CURVE_TOL, abs=1e-7), step
         assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), step
-        assert two["final"] == pytest.approx(one["final"], rel=CURVE_TOL, abs=1e-7), step
+        # The reward margin is a difference of O(1) scores: its error is absolute, at the scores' fp32 scale.
+        assert two["final"] == pytest.approx(one["final"], rel=CURVE_TOL, abs=OUTPUT_TOL), step
     assert curves["sft-sp1"]["loss"][-1] < curves["sft-sp1"]["loss"][0] - 0.5  # it trains
     stats = [
         json.loads((tmp_path / "runs" / f"reward-sp{sp}/model/reward_stats.json").read_text())

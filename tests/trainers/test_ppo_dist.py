@@ -42,7 +42,10 @@ def _config(fixture_dir, task_files, tmp_path, out: Path, stage: int, **extra) -
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage", [0, 2, 3])
+# ZeRO-3 (parameters sharded: the hardest to restore) in the default suite; 0 and 2 in the slow one (~45 s each).
+@pytest.mark.parametrize(
+    "stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3]
+)
 def test_resume_after_a_crash_equals_an_unbroken_run(fixture_dir, task_files, tmp_path, stage):
     whole = tmp_path / "whole"
     _run_cli(_config(fixture_dir, task_files, tmp_path, whole, stage))

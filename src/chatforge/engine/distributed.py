@@ -74,6 +74,12 @@ def configure_threads(local_world_size: int) -> int:
     return torch.get_num_threads()
 
 
+def _deepspeed_comm_ready() -> bool:
+    from deepspeed import comm
+
+    return comm.is_initialized()
+
+
 def backend_name() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -83,7 +89,12 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     import deepspeed
 
     _fill_launcher_env()
-    if not dist.is_initialized():
+    if not dist.is_initialized() and os.environ["WORLD_SIZE"] == "1":
+        # Alone, rendezvous in memory: a TCP store on a port picked earlier can lose it to another process.
+        dist.init_process_group(
+            backend_name(), store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=timeout_minutes)
+        )
+    if not dist.is_initialized() or not _deepspeed_comm_ready():
         # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" on every start (CHATFORGE_VERBOSE=1
         # shows it); a first build's compiler output comes from a subprocess and is not hidden.
         quiet = os.environ.get("CHATFORGE_VERBOSE") != "1"
