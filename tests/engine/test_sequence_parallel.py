@@ -97,8 +97,10 @@ def test_sp2_sft_and_reward_training_follow_the_sp1_curves(fixture_dir, tmp_path
         json.loads((tmp_path / "runs" / f"reward-sp{sp}/model/reward_stats.json").read_text())
         for sp in (1, 2)
     ]
-    flat = [[*st["mean"], *st["std"], st["count"]] for st in stats]
-    assert flat[1] == pytest.approx(flat[0], rel=CURVE_TOL, abs=1e-7)  # each eval pair counted once under SP
+    assert stats[1]["count"] == stats[0]["count"]  # each eval pair counted once under SP
+    # Mean and std of O(1) scores: errors at the scores' fp32 scale, not relative to a small std.
+    moments = [[*st["mean"], *st["std"]] for st in stats]
+    assert moments[1] == pytest.approx(moments[0], rel=CURVE_TOL, abs=OUTPUT_TOL)
     # The exported model is a plain HF model: Ulysses' attention key is not saved.
     assert "chatforge_ulysses" not in (tmp_path / "runs" / "sft-sp2/model/config.json").read_text()
 

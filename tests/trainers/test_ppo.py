@@ -205,6 +205,33 @@ def test_the_kl_limit_stops_the_run_and_restores_the_last_checkpoint(fixture_dir
     assert done["step"] % 2 == 0 and done["step"] < stop[0]["step"]
 
 
+@pytest.mark.parametrize("kl_mean, kl_median, stops", [(40.0, 0.1, False), (4.0, 4.0, True)])
+def test_the_kl_limit_judges_the_typical_response_not_a_few_outliers(
+    fixture_dir, task_files, tmp_path, monkeypatch, kl_mean, kl_median, stops
+):
+    """A healthy rule-reward run had batches whose mean KL passed 3 nats from 1-2 responses at 20-60 nats
+    (median 0.3); a policy that moved as a whole shifts the median too."""
+    from chatforge.trainers import ppo
+
+    original = ppo.PPOTrainer._score
+
+    def score(self, prompts, out):
+        exp = original(self, prompts, out)
+        exp.stats.update(kl=kl_mean, kl_median=kl_median)
+        return exp
+
+    monkeypatch.setattr(ppo.PPOTrainer, "_score", score)
+    cfg = make_config(
+        fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path / "run",
+        algorithm={"kl_target": 1.0, "kl_limit": 3.0}, train={"max_steps": 3, "eval_every": 0},
+    )  # fmt: skip
+    trainer_for(cfg).fit()
+    guard = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["phase"] == "guard"]
+    assert bool(guard) == stops
+    if stops:
+        assert guard[0]["step"] == 1 and guard[0]["kl"] == pytest.approx(kl_median)
+
+
 def test_the_best_checkpoint_by_the_gold_signal_is_exported(fixture_dir, task_files, tmp_path, monkeypatch):
     """With a gold signal the final model is the evaluation that scored best; the last stays as actor-last."""
     scores = iter([0.1, 0.9, 0.2, 0.3])  # step 0, 2, 4, 6: the best is at step 2

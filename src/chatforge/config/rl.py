@@ -70,7 +70,7 @@ class AlgorithmConfig:
     kl_target: float | None = 1.0
     """Adaptive KL (Ziegler et al. 2019): target KL per response in nats, beta moves towards it; None keeps beta fixed."""
     kl_limit: float | None = 3.0
-    """Hard KL budget per response in nats: when the mean KL of the last 3 iterations passes it, the run stops and the last checkpoint within budget is exported; None = no limit."""
+    """Hard KL budget per response in nats: when the median response's KL, averaged over the last 3 iterations, passes it, the run stops and the last checkpoint within budget is exported; None = no limit."""
     loss_agg: Literal["auto", "token_mean", "seq_mean", "seq_sum"] = "auto"
     """Policy-loss aggregation: mean over all tokens; mean over responses of their token mean (GRPO); or of their token sum / max_new_tokens (Dr. GRPO); 'auto' = seq_mean for grpo, seq_sum for dr_grpo, token_mean otherwise."""
 

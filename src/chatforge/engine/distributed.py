@@ -92,7 +92,11 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     if not dist.is_initialized() and os.environ["WORLD_SIZE"] == "1":
         # Alone, rendezvous in memory: a TCP store on a port picked earlier can lose it to another process.
         dist.init_process_group(
-            backend_name(), store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(minutes=timeout_minutes)
+            backend_name(),
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=timedelta(minutes=timeout_minutes),
         )
     if not dist.is_initialized() or not _deepspeed_comm_ready():
         # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" on every start (CHATFORGE_VERBOSE=1
