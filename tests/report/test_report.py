@@ -55,7 +55,7 @@ def test_missing_metrics_drop_their_curve_and_panel(pipeline_dir):
     assert 'data-panel="perplexity"' not in ppo
     assert 'data-panel="kl_coef"' not in ppo  # a fixed coefficient is a number, not a plot
     gold = ppo.split('data-panel="gold"')[1].split("</svg>")[0]
-    assert "gold:task:is_correct_sampled" in gold and "proxy reward" in gold
+    assert "gold is_correct (sampled)" in gold and "proxy reward" in gold
 
 
 def test_torn_last_line_is_skipped(pipeline_dir):
@@ -305,3 +305,11 @@ def test_an_empty_response_is_shown_as_such(tmp_path):
     write_samples(root, [{**r, "response": "" if r["step"] else r["response"]} for r in ppo_samples()])
     (_, _, (_, first, *_)), *_ = sample_tables(sections(build_report(root).read_text())["ppo"])
     assert first[2].startswith("(empty response) | reward 1.9")
+
+
+def test_wildcard_curves_get_short_legend_labels():
+    from chatforge.report.panels import series_label
+
+    assert series_label("gold:chatforge.fixtures.task:is_correct_greedy") == "gold is_correct (greedy)"
+    assert series_label("gold:runs/rm2_sampled") == "gold runs/rm2 (sampled)"
+    assert series_label("reward_sampled") == "reward_sampled"

@@ -116,8 +116,21 @@ def panel_series(run: Run, panel: Panel) -> list[Series]:
         for name in names:
             xs, ys = run.series(phase, name)
             if xs:
-                out.append(Series(label or name, xs, ys))
+                out.append(Series(label or series_label(name), xs, ys))
     return out
+
+
+def series_label(metric: str) -> str:
+    """A wildcard curve's legend label: 'gold:pkg.module:check_sampled' -> 'gold check (sampled)', so a
+    module path does not push the legend out of the panel."""
+    head, _, rest = metric.partition(":")
+    if not rest:
+        return metric
+    name = rest.rsplit(":", 1)[-1]
+    for kind in ("greedy", "sampled"):
+        if name.endswith(f"_{kind}"):
+            return f"{head} {name[: -len(kind) - 1]} ({kind})"
+    return f"{head} {name}"
 
 
 def is_constant(series: list[Series]) -> bool:

@@ -294,12 +294,17 @@ class PPOTrainer:
         actor.step()
         if self.ema is not None:
             self.ema.update(actor.module)
-        return {
-            "policy_loss": loss.item(), "kl_loss": kl_loss.item(), "ptx_loss": ptx_loss.item(),
-            "entropy": masked_mean(entropy, mask).item(), "clip_frac": stats["clip_frac"].item(),
-            "approx_kl": stats["approx_kl"].item(), "ratio_mean": stats["ratio_mean"].item(),
-            "grad_norm_actor": actor.grad_norm or 0.0,
+        out = {
+            "policy_loss": loss.item(), "entropy": masked_mean(entropy, mask).item(),
+            "clip_frac": stats["clip_frac"].item(), "approx_kl": stats["approx_kl"].item(),
+            "ratio_mean": stats["ratio_mean"].item(), "grad_norm_actor": actor.grad_norm or 0.0,
         }  # fmt: skip
+        # Terms that are off are not logged: a flat zero curve would read as a measured value.
+        if algo.kl_in_loss:
+            out["kl_loss"] = kl_loss.item()
+        if self.ptx is not None:
+            out["ptx_loss"] = ptx_loss.item()
+        return out
 
     def _loss_agg(self) -> str:
         algo = self.cfg.algorithm
