@@ -575,7 +575,7 @@ class PPOTrainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.kl_ctl.value, self.best, self.baseline = state["kl_coef"], state["best"], state["baseline"]
-        self.recent_kl = state["recent_kl"]
+        self.recent_kl = state.get("recent_kl", [])  # checkpoints written before the window was saved
         return state["step"]
 
     def _export(self, final: dict) -> None:
