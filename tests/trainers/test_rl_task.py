@@ -93,6 +93,12 @@ def run_rule_rl(root, shared, algorithm: str, held_out: list[dict]) -> tuple[flo
     return before, model_sampled_accuracy(root / algorithm / "actor", held_out, samples=4)
 
 
+def rollout_reward_windows(run_dir, n: int = 20) -> tuple[float, float]:
+    """Mean rollout reward of a run's first and last `n` iterations."""
+    train = [r["reward"] for r in read_metrics(run_dir / "metrics.jsonl") if r["phase"] == "train"]
+    return sum(train[:n]) / n, sum(train[-n:]) / n
+
+
 def held_out_prompts(shared, tokenizer) -> list[dict]:
     from chatforge.data import load_step_data
 
@@ -107,8 +113,7 @@ def test_critic_free_rl_on_the_rule_reward_raises_held_out_accuracy(sft_and_rewa
     root, shared = sft_and_reward
     held_out = held_out_prompts(shared, AutoTokenizer.from_pretrained(root / "sft" / "model"))
     before, after = run_rule_rl(root, shared, algorithm, held_out)
-    train = [r["reward"] for r in read_metrics(root / algorithm / "metrics.jsonl") if r["phase"] == "train"]
-    first, last = sum(train[:20]) / 20, sum(train[-20:]) / 20
+    first, last = rollout_reward_windows(root / algorithm)
     print(
         f"{algorithm}: sampled accuracy {before:.3f} -> {after:.3f}; rollout accuracy {first:.3f} -> {last:.3f}"
     )
@@ -162,8 +167,7 @@ def test_ppo_raises_reward_and_task_accuracy_over_sft(sft_and_reward):
     before = sampled_accuracy(trainer, held_out)
     trainer.fit()
     after = sampled_accuracy(trainer, held_out)
-    train = [r["reward"] for r in read_metrics(root / "ppo" / "metrics.jsonl") if r["phase"] == "train"]
-    first, last = sum(train[:20]) / 20, sum(train[-20:]) / 20
+    first, last = rollout_reward_windows(root / "ppo")
     print(f"sampled accuracy {before:.3f} -> {after:.3f}; rollout reward {first:.2f} -> {last:.2f}")
     # Reward-model scores of fresh rollouts, normalised by step 2's score std (a right and a wrong answer to
     # one question differ by about 1.4): a fifth of the answers turning right is about +0.28.
