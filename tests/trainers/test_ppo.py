@@ -234,34 +234,94 @@ def test_the_kl_limit_judges_the_typical_response_not_a_few_outliers(
         assert guard[0]["step"] == 1 and guard[0]["kl"] == pytest.approx(kl_median)
 
 
-def test_the_best_checkpoint_by_the_gold_signal_is_exported(fixture_dir, task_files, tmp_path, monkeypatch):
-    """With a gold signal the final model is the evaluation that scored best; the last stays as actor-last."""
-    scores = iter([0.1, 0.9, 0.2, 0.3])  # step 0, 2, 4, 6: the best is at step 2
+def run_with_scripted_evaluations(paths, monkeypatch, script: dict[str, list[float]], **sections) -> Path:
+    """fit() for 6 iterations, evaluating at 0, 2, 4 and 6 (the final one), with the sampled responses'
+    figures named in `script` replaced by its values, one per evaluation, before the guard sees them."""
     from chatforge.trainers import ppo
 
-    original = ppo.PPOTrainer.evaluate
+    fixture_dir, task_files, out = paths
+    original, calls = ppo.PPOTrainer._eval_summary, iter(range(4))
 
-    def evaluate(self, step):
-        result = original(self, step)
-        result[f"gold:{TASK_CHECK}_sampled"] = next(scores)
+    def eval_summary(self, kind, batches):
+        result = original(self, kind, batches)
+        if kind == "sampled":
+            i = next(calls)
+            result.update({key: values[i] for key, values in script.items()})
         return result
 
-    monkeypatch.setattr(ppo.PPOTrainer, "evaluate", evaluate)
+    monkeypatch.setattr(ppo.PPOTrainer, "_eval_summary", eval_summary)
     cfg = make_config(
-        fixture_dir / "llama", fixture_dir / "reward-llama", task_files, tmp_path / "run",
-        actor={"learning_rate": 1e-3}, eval={"gold": [TASK_CHECK]}, train={"max_steps": 6, "eval_every": 2},
+        fixture_dir / "llama", fixture_dir / "reward-llama", task_files, out, actor={"learning_rate": 1e-3},
+        train={"max_steps": 6, "eval_every": 2}, **sections,
     )  # fmt: skip
-    trainer = trainer_for(cfg)
-    trainer.fit()
+    trainer_for(cfg).fit()
+    return out
+
+
+def exported_differs_from_last(run: Path) -> bool:
     from safetensors.torch import load_file
 
-    run = tmp_path / "run"
-    final, last = (
-        load_file(run / "actor" / "model.safetensors"),
-        load_file(run / "actor-last" / "model.safetensors"),
-    )
-    assert any(not torch.equal(final[k], last[k]) for k in final)
+    final = load_file(run / "actor" / "model.safetensors")
+    last = load_file(run / "actor-last" / "model.safetensors")
+    return any(not torch.equal(final[k], last[k]) for k in final)
+
+
+def test_the_best_checkpoint_by_the_gold_signal_is_exported(fixture_dir, task_files, tmp_path, monkeypatch):
+    """With a gold signal the final model is the evaluation that scored best; the last stays as actor-last."""
+    run = run_with_scripted_evaluations(
+        (fixture_dir, task_files, tmp_path / "run"), monkeypatch,
+        {f"gold:{TASK_CHECK}_sampled": [0.1, 0.9, 0.2, 0.3]}, eval={"gold": [TASK_CHECK]},
+    )  # fmt: skip
+    assert exported_differs_from_last(run)
     assert (run / "checkpoints" / "actor" / "step2").is_dir()  # the best tag survives pruning
+    guard = [r for r in read_metrics(run / "metrics.jsonl") if r["phase"] == "guard"]
+    assert [r["exported_step"] for r in guard] == [2.0]
+
+
+def test_the_final_evaluation_competes_too(fixture_dir, task_files, tmp_path, monkeypatch):
+    run = run_with_scripted_evaluations(
+        (fixture_dir, task_files, tmp_path / "run"), monkeypatch,
+        {f"gold:{TASK_CHECK}_sampled": [0.1, 0.2, 0.3, 0.9]}, eval={"gold": [TASK_CHECK]},
+    )  # fmt: skip
+    assert not (run / "actor-last").exists()  # the last actor is the best: exported as actor
+    assert not [r for r in read_metrics(run / "metrics.jsonl") if r["phase"] == "guard"]
+
+
+def test_without_gold_the_best_reward_before_the_drift_is_exported(
+    fixture_dir, task_files, tmp_path, monkeypatch
+):
+    """No gold signal: the highest held-out reward among the evaluations whose median sampled response the
+    SFT model finds at most half the KL target (0.5 nats) less likely than its own; later, higher rewards
+    came with more drift."""
+    run = run_with_scripted_evaluations(
+        (fixture_dir, task_files, tmp_path / "run"), monkeypatch,
+        {"reward_sampled": [0.0, 0.5, 0.9, 1.2], "ref_nll_median_sampled": [10.0, 9.8, 10.6, 11.0]},
+        algorithm={"kl_target": 1.0},
+    )  # fmt: skip
+    assert exported_differs_from_last(run)
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["exported_step"] for r in records if r["phase"] == "guard"] == [2.0]
+    evals = [r for r in records if r["phase"] == "eval"]
+    assert [r["ref_drift"] for r in evals[1:]] == pytest.approx([-0.2, 0.6, 1.0])
+    assert all(r["warnings"] >= 1 for r in evals[2:])  # the reward rose with the drift past 0.5
+
+
+def test_a_larger_kl_target_allows_more_drift(fixture_dir, task_files, tmp_path, monkeypatch):
+    run = run_with_scripted_evaluations(
+        (fixture_dir, task_files, tmp_path / "run"), monkeypatch,
+        {"reward_sampled": [0.0, 0.5, 0.9, 1.2], "ref_nll_median_sampled": [10.0, 9.8, 10.6, 11.0]},
+        algorithm={"kl_target": 2.0},
+    )  # fmt: skip
+    assert not (run / "actor-last").exists()  # drift 1.0 <= 1.0: the last, best-rewarded actor is exported
+
+
+def test_without_a_kl_target_the_last_actor_is_exported(fixture_dir, task_files, tmp_path, monkeypatch):
+    run = run_with_scripted_evaluations(
+        (fixture_dir, task_files, tmp_path / "run"), monkeypatch,
+        {"reward_sampled": [0.0, 0.5, 0.9, 0.2], "ref_nll_median_sampled": [10.0, 9.8, 10.6, 11.0]},
+        algorithm={"kl_target": None},
+    )  # fmt: skip
+    assert not (run / "actor-last").exists()
 
 
 def test_the_missing_eos_penalty_is_a_rule_reward(fixture_dir, task_files, tmp_path):

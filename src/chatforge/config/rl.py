@@ -68,7 +68,7 @@ class AlgorithmConfig:
     kl_in: Literal["auto", "reward", "loss"] = "auto"
     """Where the KL acts: a per-token reward penalty with the k1 estimator (InstructGPT), or a loss term with the low-variance k3 (GRPO); 'auto' = loss for grpo/dr_grpo, reward otherwise."""
     kl_target: float | None = 1.0
-    """Adaptive KL (Ziegler et al. 2019): target KL per response in nats, beta moves towards it; None keeps beta fixed."""
+    """Adaptive KL (Ziegler et al. 2019): target KL per response in nats, beta moves towards it; None keeps beta fixed. Without eval.gold, the exported evaluation is the best-rewarded one whose median response the SFT model finds at most kl_target / 2 nats less likely than its own (None: the last actor)."""
     kl_limit: float | None = 3.0
     """Hard KL budget per response in nats: when the median response's KL, averaged over the last 3 iterations, passes it, the run stops and the last checkpoint within budget is exported; None = no limit."""
     loss_agg: Literal["auto", "token_mean", "seq_mean", "seq_sum"] = "auto"

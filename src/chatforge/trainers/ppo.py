@@ -53,6 +53,7 @@ from chatforge.generation.backends import GenerationBackend, build_backend
 from chatforge.rewards import Responses, RewardSignal, load_function, split_weight
 
 from .checkpoint import load_checkpoint, maybe_die, naming_a_full_disk, save_checkpoint, seed_everything
+from .export_choice import export_score, max_drift, reference_drift
 from .guard import NonFiniteGuard, finite_or_zero, zeroed_gradients
 from .run_dir import MetricsLogger, Progress, RunDir
 from .schedule import BatchSchedule, BatchStream
@@ -365,6 +366,7 @@ class PPOTrainer:
             state = load_checkpoint(run, self._checkpointed_engines(), {"sampler": self.sampler})
             self.step = state["step"]
         final = self.evaluate(self.step)
+        self._consider(final)  # the last actor competes for the export too
         self._export(final)
         run.mark_done(self.dist.is_main, self.step, final)
         self.metrics.close()
@@ -412,15 +414,22 @@ class PPOTrainer:
 
     # --- evaluation and the over-optimisation guard -------------------------------------------------------
     def _evaluate_and_keep(self) -> None:
-        """Evaluate; keep a checkpoint when it is the best by the gold signal, or as the KL budget's
+        """Evaluate; keep a checkpoint when it is the best for the export so far, or as the KL budget's
         fallback (the last one within budget)."""
-        result = self.evaluate(self.step)
-        gold = self._gold_key(result)
-        is_best = gold is not None and result[gold] > self.best.get("score", -float("inf"))
-        if is_best:
-            self.best = {"step": self.step, "score": result[gold], "tag": f"step{self.step}"}
+        is_best = self._consider(self.evaluate(self.step))
         if is_best or self.cfg.algorithm.kl_limit is not None or self.cfg.train.save_every:
             self._save()
+
+    def _consider(self, result: dict) -> bool:
+        """Make this evaluation the export's choice when it scores best (trainers/export_choice.py); True
+        when it did."""
+        gold, bound = self._gold_key(result), max_drift(self.cfg.algorithm.kl_target)
+        score = export_score(result, self.baseline, gold, bound)
+        if score is None or score <= self.best.get("score", -float("inf")):
+            return False
+        by = gold or f"held-out reward with the reference drift within {bound:g} nats"
+        self.best = {"step": self.step, "score": score, "tag": f"step{self.step}", "by": by}
+        return True
 
     def _gold_key(self, result: dict) -> str | None:
         """The metric the best checkpoint is chosen by: the first gold signal's score on sampled responses
@@ -467,6 +476,7 @@ class PPOTrainer:
         row = {
             "reward": self.reward(responses)[0].float().cpu(),
             "kl": masked_sum(kl_penalty(logp, ref, "k1"), mask, dim=1).float().cpu(),
+            "ref_nll": -masked_sum(ref, mask, dim=1).float().cpu(),
             "length": mask.float().sum(1).cpu(),
             "tokens": [r[m.bool()].tolist() for r, m in zip(out.sequences[:, prompt_len:], mask)],
             "texts": responses.responses,
@@ -486,6 +496,8 @@ class PPOTrainer:
         sums = all_reduce_sum(local) / self.sp.size
         n = max(sums[-1].item(), 1.0)
         out = {f"{k}_{kind}": sums[i].item() / n for i, k in enumerate(keys)}
+        nll = gather_objects([v for b in batches for v in b["ref_nll"].tolist()], self.sp.size)
+        out[f"ref_nll_median_{kind}"] = float(torch.tensor(nll).median()) if nll else 0.0
         tokens = gather_objects([t for b in batches for t in b["tokens"]], self.sp.size)
         out[f"distinct_1_{kind}"] = distinct_n(tokens, 1)
         out[f"distinct_2_{kind}"] = distinct_n(tokens, 2)
@@ -501,6 +513,9 @@ class PPOTrainer:
         gain = result[f"reward_{kind}"] - base[f"reward_{kind}"]
         kl = result[f"kl_{kind}"]
         signals = {"reward_gain": gain, "reward_gain_per_kl": gain / max(kl, 1e-3)}
+        drift, bound = reference_drift(result, base), max_drift(self.cfg.algorithm.kl_target)
+        if drift is not None:
+            signals["ref_drift"] = drift
         warnings = []
         # Collapse = the same greedy reply to different questions (a sampled policy that grows confident on
         # each question is learning, not collapsing, so sampled diversity is reported but not judged).
@@ -511,6 +526,12 @@ class PPOTrainer:
             warnings.append(
                 f"the reward rose while the greedy replies collapsed ({distinct:.0%} of held-out prompts get a "
                 f"reply of their own, {1 - base['identical_share_greedy']:.0%} for the SFT model)"
+            )
+        if gain > 0 and drift is not None and bound is not None and drift > bound:
+            warnings.append(
+                f"the reward rose while the SFT model finds the median {kind} response {drift:.2f} nats less "
+                f"likely than its own (past {bound:g}, half the KL target)"
+                + ("" if self._gold_key(result) else ": this evaluation cannot be the exported one")
             )
         target = self.cfg.algorithm.kl_target
         if target is not None and kl > 1.5 * target:
@@ -579,8 +600,8 @@ class PPOTrainer:
         return state["step"]
 
     def _export(self, final: dict) -> None:
-        """The final model (the best checkpoint by the gold signal when there is one, else the last), the
-        last one as <output_dir>/actor-last when they differ, the EMA actor and the critic."""
+        """The final model (the evaluation chosen by trainers/export_choice.py; the last actor when none
+        was), the last one as <output_dir>/actor-last when they differ, the EMA actor and the critic."""
         self._save()
         with naming_a_full_disk(self.run, f"the models in {self.run.root}", "actor"):
             self._write_models()
@@ -596,9 +617,11 @@ class PPOTrainer:
             load_checkpoint(
                 run, self._checkpointed_engines(), {"sampler": self.sampler}, tag=self.best["tag"]
             )
-            log.info("exporting the best checkpoint by the gold signal (iteration %d, %.4g) as %s; the last "
-                     "iteration's actor is in %s", self.best["step"], self.best["score"], run.final_model,
-                     run.root / "actor-last")  # fmt: skip
+            by = self.best.get("by", "the gold signal")  # checkpoints written before "by" was saved
+            log.warning("exporting iteration %d as %s, the best evaluation by %s (%.4g); the last iteration's "
+                        "actor is in %s", self.best["step"], run.final_model, by, self.best["score"],
+                        run.root / "actor-last")  # fmt: skip
+            self.metrics.log("guard", self.step, {"exported_step": float(self.best["step"])})
         actor.save_hf(run.final_model, self.tokenizer)
 
 
