@@ -19,6 +19,7 @@ PPO_PANELS = [
     "gold",
     "kl",
     "diversity",
+    "ref_drift",
     "response_length",
     "entropy",
     "policy_loss",
@@ -123,6 +124,7 @@ def ppo_records(iters: int = 12) -> list[dict]:
         })  # fmt: skip
         if step:
             out[-1]["warnings"] = float(gold < 0.5)  # the reward rose while the gold signal fell
+            out[-1]["ref_drift"] = 0.05 * step - 0.4  # -0.1 at step 6, 0.2 at step 12
     return out
 
 

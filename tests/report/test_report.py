@@ -275,8 +275,21 @@ def test_banner_says_which_evaluation_warned_and_what_moved(pipeline_dir):
     # the collapse check judges greedy replies: 1 - identical_share_greedy, 100% -> 88%
     assert "the share of prompts with a greedy reply of their own fell from 100% to 88%" in text
     assert "distinct-2 of the greedy replies" not in text  # not logged here
+    assert "the SFT model finds the median sampled response 0.2 nats less likely than its own" in text
     assert "the KL to the reference is 1.2 nats per response" in text
     assert "read its sample responses" in banner(html)  # what to do about it, said once
+
+
+def test_banner_says_when_an_earlier_evaluation_was_exported(tmp_path):
+    records = ppo_records() + [{"phase": "guard", "step": 12, "time": 130.0, "exported_step": 6.0}]
+    items = re.findall(
+        r"<li>(.*?)</li>", banner(build_report(write_run(tmp_path / "ppo", records)).read_text())
+    )
+    assert len(items) == 2  # the warning of step 12, then the export
+    assert items[1].startswith(
+        '<a href="#run-ppo">ppo</a>: the exported model is the one of evaluation step 6, not the last '
+        "iteration&#x27;s (12, kept in actor-last)"
+    )
 
 
 def test_no_banner_without_warnings(tmp_path):

@@ -1,8 +1,10 @@
 """The warning banner at the top of a report: what an RL run's guard saw, in plain words.
 
-Two records raise it: an eval record with `warnings` > 0 (the reward rose while diversity collapsed, the KL
-passed 1.5x its target, or a gold signal fell; metrics.jsonl holds only the count, so the banner states the
-numbers behind the three checks against the first evaluation) and a `guard` record with `kl_limit_stop`."""
+Three records raise it: an eval record with `warnings` > 0 (the reward rose while diversity collapsed, the
+median response's reference drift passed half the KL target, the KL passed 1.5x its target, or a gold signal fell;
+metrics.jsonl holds only the count, so the banner states the numbers behind the checks against the first
+evaluation), a `guard` record with `kl_limit_stop`, and one with `exported_step` (an earlier evaluation than
+the last was exported)."""
 
 from __future__ import annotations
 
@@ -24,8 +26,16 @@ def run_alerts(run: Run) -> list[str]:
         if is_number(count) and count > 0:
             out.append(_warning_sentence(run.name, step, int(count), rec, baseline))
     for index, rec in enumerate(run.records):
-        if rec.get("phase") == "guard" and is_number(rec.get("kl_limit_stop")) and rec["kl_limit_stop"] > 0:
+        if rec.get("phase") != "guard":
+            continue
+        if is_number(rec.get("kl_limit_stop")) and rec["kl_limit_stop"] > 0:
             out.append(_kl_stop_sentence(run, index, rec))
+        if is_number(rec.get("exported_step")):
+            out.append(
+                f"the exported model is the one of evaluation step {_fmt(rec['exported_step'])}, not the last "
+                f"iteration's ({_fmt(rec.get('step'))}, kept in actor-last): later evaluations were worse by "
+                "the gold signal, or their responses drifted too far from what the SFT model would say."
+            )
     return out
 
 
@@ -70,6 +80,12 @@ def _warning_sentence(name: str, step: int, count: int, rec: dict, base: dict) -
     )
     for key in _gold_keys(rec, kind):
         facts.append(_change(key.removesuffix(f"_{kind}"), rec[key], base.get(key)))
+    drift = rec.get("ref_drift")
+    if is_number(drift):
+        facts.append(
+            f"the SFT model finds the median {kind} response {_fmt(abs(drift))} nats "
+            f"{'less' if drift >= 0 else 'more'} likely than its own"
+        )
     kl = rec.get(f"kl_{kind}")
     if is_number(kl):
         facts.append(f"the KL to the reference is {_fmt(kl)} nats per response")

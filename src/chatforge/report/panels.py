@@ -68,6 +68,11 @@ PANELS = (
             ("eval", "identical_share_greedy", "identical share (greedy)"),
         ),
     ),
+    Panel(
+        "ref_drift",
+        "Reference drift: nats the SFT model finds the median response less likely than its own (eval)",
+        (("eval", "ref_drift", "drift"),),
+    ),
     Panel("kl_coef", "KL coefficient", (("train", "kl_coef", "kl_coef"),)),
     Panel(
         "response_length", "Response length (tokens)", (("train", "response_length", "mean"),), smooth=True
