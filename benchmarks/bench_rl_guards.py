@@ -4,12 +4,12 @@ over-optimisation guards on (the defaults) and off, on three reward models of th
   demo      chosen = the right answer, rejected = a wrong one (the demo's data: a good reward model)
   shortcut  the wrong answer is always SMALLER than the right one, so "a larger number is better" fits every
             pair: the reward model can be right on held-out pairs and still be a proxy a policy can hack
-  noisy     the demo's pairs, but for about 12% of the questions (chosen by a hash of the question) the wrong
-            answer is preferred, consistently: an imperfect reward model (~90% right on clean held-out pairs)
-            whose errors are not one simple shortcut
+  noisy     the demo's pairs, but for 4 of the task's 40 problems (picked by a hash of "a op b") one fixed
+            wrong answer is preferred to the right one, consistently: an imperfect reward model (about 90%
+            right on clean held-out pairs) whose errors are not one simple shortcut
 
     .venv/bin/python benchmarks/bench_rl_guards.py --work /tmp/guards            # all runs, a markdown table
-    .venv/bin/python benchmarks/bench_rl_guards.py --work /tmp/guards --runs demo:guards,shortcut:none
+    .venv/bin/python benchmarks/bench_rl_guards.py --work /tmp/guards --runs demo:defaults,shortcut:none
 
 Accuracy is measured on 200 held-out problems: greedy, and sampled (temperature 1, 4 samples per prompt).
 The SFT model and the reward models are trained once per --work dir and reused.
@@ -18,6 +18,7 @@ The SFT model and the reward models are trained once per --work dir and reused.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -59,10 +60,27 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="dir for fixtures, data, SFT/RM models and runs (reused)")
     p.add_argument(
-        "--runs", default="demo:none,demo:guards,shortcut:none,shortcut:guards,noisy:none,noisy:defaults"
+        "--runs",
+        default="demo:none,demo:defaults,shortcut:none,shortcut:defaults,noisy:none,noisy:defaults",
+        help="task:recipe pairs; recipes: " + ", ".join(RECIPES),
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None, help="step 3's train.seed (default: chatforge's)")
     return p.parse_args()
+
+
+def misjudged_problems() -> dict[tuple, int]:
+    """The noisy data's mistakes: (a, op, b) -> the wrong answer preferred to the right one, for 4 of the 40
+    problems (picked by a hash of "a op b"), 1 or 2 away, up or down: no number or direction to latch onto."""
+    keys = [(a, op, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1) for op in "+-"]
+    keys = [k for k in keys if k[1] == "+" or k[0] >= k[2]]
+    digest = {k: int(hashlib.sha256(f"{k[0]} {k[1]} {k[2]}".encode()).hexdigest(), 16) for k in keys}
+    out = {}
+    for k in sorted(keys, key=digest.get)[: len(keys) // 10]:
+        right, h = k[0] + k[2] if k[1] == "+" else k[0] - k[2], digest[k] >> 8
+        delta = (1 + h % 2) * (1 if h // 2 % 2 else -1)
+        out[k] = right + delta if right + delta >= 0 else right - delta
+    return out
 
 
 def pair_rows(kind: str, seed: int = 0) -> list[dict]:
@@ -70,14 +88,15 @@ def pair_rows(kind: str, seed: int = 0) -> list[dict]:
     from chatforge.fixtures.task import sample_problems
 
     rng = random.Random(seed + 1)
+    misjudged = misjudged_problems() if kind == "noisy" else {}
     rows = []
     for p in sample_problems(ROWS, seed, max_operand=MAX_OPERAND):
         wrong = p.answer + (
             rng.choice([-3, -2, -1, 1, 2, 3]) if kind != "shortcut" else -rng.choice([1, 2, 3])
         )
         chosen, rejected = p.reply(), p.reply(wrong)
-        if kind == "noisy" and rng.random() < 0.2:
-            chosen, rejected = rejected, chosen
+        if (p.a, p.op, p.b) in misjudged:
+            chosen, rejected = p.reply(misjudged[(p.a, p.op, p.b)]), p.reply()
         prompt = f"\n\nHuman: {p.question}\n\nAssistant:"
         rows.append(
             {
@@ -152,12 +171,14 @@ def accuracy(model_dir: Path) -> dict:
     return {"greedy": right(greedy), "sampled": right(sampled), "distinct_greedy": len(set(greedy))}
 
 
-def run_rl(work: Path, task: str, recipe: str, sft: Path, rm: Path, data: Path) -> dict:
+def run_rl(
+    work: Path, task: str, recipe: str, sft: Path, rm: Path, data: Path, seed: int | None = None
+) -> dict:
     import chatforge.config as c
     from chatforge.trainers.ppo import build_trainer
     from chatforge.trainers.run_dir import read_metrics
 
-    out = work / "runs" / f"{task}-{recipe}"
+    out = work / "runs" / (f"{task}-{recipe}" + (f"-seed{seed}" if seed is not None else ""))
     if not (out / "DONE").is_file():
         settings = json.loads(json.dumps(BUDGET))
         for section, values in RECIPES[recipe].items():
@@ -165,7 +186,8 @@ def run_rl(work: Path, task: str, recipe: str, sft: Path, rm: Path, data: Path) 
         cfg = c.from_dict(c.PPOConfig, {
             **settings, "actor": {"name_or_path": str(sft), **settings["actor"]}, "reward": {"models": [str(rm)]},
             "engine": {"precision": "fp32"}, "data": {"datasets": [str(data)]},
-            "train": {**settings["train"], "output_dir": str(out), "report_to": ["none"]},
+            "train": {**settings["train"], "output_dir": str(out), "report_to": ["none"],
+                      **({"seed": seed} if seed is not None else {})},
         })  # fmt: skip
         start = time.time()
         build_trainer(cfg).fit()
@@ -173,12 +195,26 @@ def run_rl(work: Path, task: str, recipe: str, sft: Path, rm: Path, data: Path) 
     records = read_metrics(out / "metrics.jsonl")
     train = [r for r in records if r["phase"] == "train"]
     evals = [r for r in records if r["phase"] == "eval"]
-    stopped = any(r["phase"] == "guard" for r in records)
+    guard = [r for r in records if r["phase"] == "guard"]
+    exported = [r["exported_step"] for r in guard if "exported_step" in r]
     return {
         "final": accuracy(out / "actor"), "kl_last": train[-1]["kl"], "reward_last": train[-1]["reward"],
-        "iterations": train[-1]["step"], "warnings": sum(r.get("warnings", 0) for r in evals), "kl_stop": stopped,
-        "seconds": int((out / "seconds").read_text()),
+        "iterations": train[-1]["step"], "warnings": sum(r.get("warnings", 0) for r in evals),
+        "kl_stop": any("kl_limit_stop" in r for r in guard), "seconds": int((out / "seconds").read_text()),
+        "exported": int(exported[-1]) if exported else train[-1]["step"], "evals": evals,
     }  # fmt: skip
+
+
+def trajectory(evals: list[dict]) -> str:
+    """One line per evaluation: held-out sampled reward, KL, reference drift and the task check if scored."""
+    lines = []
+    for r in evals:
+        gold = r.get("gold:chatforge.fixtures.task:is_correct_sampled")
+        lines.append(
+            f"    it {r['step']:4d}  reward {r['reward_sampled']:+.3f}  KL {r['kl_sampled']:.2f}  "
+            f"drift {r.get('ref_drift', 0.0):+.3f}" + (f"  task {gold:.1%}" if gold is not None else "")
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -206,23 +242,25 @@ def main() -> None:
     for spec in filter(None, args.runs.split(",")):
         task, recipe = spec.split(":")
         rm_acc = true_pair_accuracy(rms[task], data["demo"])
-        result = run_rl(work, task, recipe, sft, rms[task], data[task])
+        result = run_rl(work, task, recipe, sft, rms[task], data[task], args.seed)
         rows.append((task, recipe, rm_acc, result))
         f = result["final"]
         print(f"{task:9s} {recipe:18s} RM {rm_acc:.1%} -> greedy {f['greedy']:.1%} sampled {f['sampled']:.1%} "
               f"distinct {f['distinct_greedy']} KL {result['kl_last']:.2f} warnings {result['warnings']:.0f} "
-              f"stop {result['kl_stop']} ({result['seconds']} s)", flush=True)  # fmt: skip
+              f"stop {result['kl_stop']} exported it {result['exported']} ({result['seconds']} s)\n"
+              f"{trajectory(result['evals'])}", flush=True)  # fmt: skip
     print(
-        "\n| reward model | held-out pair acc. | guards | greedy acc. | sampled acc. | distinct greedy replies | KL (nats) | warnings |"
+        "\n| reward model | held-out pair acc. | guards | greedy acc. | sampled acc. | distinct greedy replies | KL (nats) | warnings | exported iteration |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(
-        f"| (SFT model) | | | {base['greedy']:.1%} | {base['sampled']:.1%} | {base['distinct_greedy']} | 0 | |"
+        f"| (SFT model) | | | {base['greedy']:.1%} | {base['sampled']:.1%} | {base['distinct_greedy']} | 0 | | |"
     )
     for task, recipe, rm_acc, r in rows:
         f = r["final"]
         print(f"| {task} | {rm_acc:.1%} | {recipe} | {f['greedy']:.1%} | {f['sampled']:.1%} | {f['distinct_greedy']} | "
-              f"{r['kl_last']:.2f}{' (stopped)' if r['kl_stop'] else ''} | {r['warnings']:.0f} |")  # fmt: skip
+              f"{r['kl_last']:.2f}{' (stopped)' if r['kl_stop'] else ''} | {r['warnings']:.0f} | "
+              f"{r['exported']} of {r['iterations']} |")  # fmt: skip
 
 
 if __name__ == "__main__":
