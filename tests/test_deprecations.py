@@ -80,7 +80,7 @@ def deprecations(fixture_dir, tmp_path_factory) -> list[dict]:
     """The deprecation records of one probe run (~25 s), the sentinels checked and removed."""
     from chatforge.fixtures import task_rows
 
-    root = tmp_path_factory.mktemp("deprecations")
+    root = tmp_path_factory.mktemp("probe")  # not "deprecations": a logged path would match the search
     task = root / "task.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in task_rows(600, seed=1)))
     out_file = root / "records.json"

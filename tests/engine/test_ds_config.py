@@ -64,10 +64,17 @@ def test_spec_resolves_a_role_and_the_shared_sections():
     assert build_ds_config(frozen, 1, 1)["gradient_clipping"] == 0.0
 
 
-def test_cpu_precision_auto_is_fp32_and_fp16_refused():
+def test_cpu_precision_auto_follows_the_bf16_detection_and_fp16_is_refused(monkeypatch):
+    """On a CPU box 'auto' is bf16 only where the CPU has native bf16 matmuls (the boxes differ: this test
+    must not depend on which one runs it)."""
+    from chatforge.engine import ds_config
     from chatforge.engine.ds_config import resolve_precision
 
+    monkeypatch.setattr(ds_config.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ds_config, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(ds_config, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto") == "bf16"
     with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
         resolve_precision("fp16")
 

@@ -228,7 +228,8 @@ def test_the_kl_limit_judges_the_typical_response_not_a_few_outliers(
         algorithm={"kl_target": 1.0, "kl_limit": 3.0}, train={"max_steps": 3, "eval_every": 0},
     )  # fmt: skip
     trainer_for(cfg).fit()
-    guard = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["phase"] == "guard"]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    guard = [r for r in records if r["phase"] == "guard" and "kl_limit_stop" in r]
     assert bool(guard) == stops
     if stops:
         assert guard[0]["step"] == 1 and guard[0]["kl"] == pytest.approx(kl_median)
