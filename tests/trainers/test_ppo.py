@@ -237,7 +237,8 @@ def test_the_kl_limit_judges_the_typical_response_not_a_few_outliers(
 
 def run_with_scripted_evaluations(paths, monkeypatch, script: dict[str, list[float]], **sections) -> Path:
     """fit() for 6 iterations, evaluating at 0, 2, 4 and 6 (the final one), with the sampled responses'
-    figures named in `script` replaced by its values, one per evaluation, before the guard sees them."""
+    figures named in `script` replaced by its values, one per evaluation, before the guard sees them; a
+    scripted score's standard error is 0 unless scripted too."""
     from chatforge.trainers import ppo
 
     fixture_dir, task_files, out = paths
@@ -247,6 +248,7 @@ def run_with_scripted_evaluations(paths, monkeypatch, script: dict[str, list[flo
         result = original(self, kind, batches)
         if kind == "sampled":
             i = next(calls)
+            result.update({f"stderr_{k}": 0.0 for k in script if f"stderr_{k}" in result})
             result.update({key: values[i] for key, values in script.items()})
         return result
 
@@ -314,6 +316,36 @@ def test_a_larger_kl_target_allows_more_drift(fixture_dir, task_files, tmp_path,
         algorithm={"kl_target": 2.0},
     )  # fmt: skip
     assert not (run / "actor-last").exists()  # drift 1.0 <= 1.0: the last, best-rewarded actor is exported
+
+
+def test_with_rule_rewards_only_the_best_held_out_reward_is_exported_whatever_the_drift(
+    fixture_dir, task_files, tmp_path, monkeypatch
+):
+    """A rule reward is a check: RL on it may rightly say what the SFT model would not."""
+    run = run_with_scripted_evaluations(
+        (fixture_dir, task_files, tmp_path / "run"), monkeypatch,
+        {"reward_sampled": [0.1, 0.5, 0.9, 0.6], "ref_nll_median_sampled": [10.0, 12.0, 13.0, 14.0]},
+        reward={"models": [], "functions": [TASK_CHECK]}, algorithm={"name": "rloo", "kl_target": 1.0},
+        rollout={"n_samples_per_prompt": 2},
+    )  # fmt: skip
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["exported_step"] for r in records if r["phase"] == "guard"] == [4.0]
+    assert all(r["warnings"] == 0 for r in records if r["phase"] == "eval" and "warnings" in r)
+
+
+def test_a_later_evaluation_within_one_standard_error_of_the_best_is_exported(
+    fixture_dir, task_files, tmp_path, monkeypatch
+):
+    """Step 0 scored 0.55 by luck; the trained policy's 0.50 is within the noise (SE of the difference
+    0.057): it is exported, not the SFT model. 0.40 and 0.45 were told apart from 0.55."""
+    run = run_with_scripted_evaluations(
+        (fixture_dir, task_files, tmp_path / "run"), monkeypatch,
+        {"reward_sampled": [0.55, 0.40, 0.45, 0.50], "stderr_reward_sampled": [0.04] * 4},
+        reward={"models": [], "functions": [TASK_CHECK]}, algorithm={"name": "rloo"},
+        rollout={"n_samples_per_prompt": 2},
+    )  # fmt: skip
+    assert not (run / "actor-last").exists()
+    assert not [r for r in read_metrics(run / "metrics.jsonl") if r["phase"] == "guard"]
 
 
 def test_without_a_kl_target_the_last_actor_is_exported(fixture_dir, task_files, tmp_path, monkeypatch):

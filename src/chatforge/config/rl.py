@@ -68,7 +68,7 @@ class AlgorithmConfig:
     kl_in: Literal["auto", "reward", "loss"] = "auto"
     """Where the KL acts: a per-token reward penalty with the k1 estimator (InstructGPT), or a loss term with the low-variance k3 (GRPO); 'auto' = loss for grpo/dr_grpo, reward otherwise."""
     kl_target: float | None = 1.0
-    """Adaptive KL (Ziegler et al. 2019): target KL per response in nats, beta moves towards it; None keeps beta fixed. Without eval.gold, the exported evaluation is the best-rewarded one whose median response the SFT model finds at most kl_target / 2 nats less likely than its own (None: the last actor)."""
+    """Adaptive KL (Ziegler et al. 2019): target KL per response in nats, beta moves towards it; None keeps beta fixed. With a reward model and no eval.gold, only evaluations whose median response the SFT model finds at most kl_target / 2 nats less likely than its own may be exported (None: the last actor is)."""
     kl_limit: float | None = 3.0
     """Hard KL budget per response in nats: when the median response's KL, averaged over the last 3 iterations, passes it, the run stops and the last checkpoint within budget is exported; None = no limit."""
     loss_agg: Literal["auto", "token_mean", "seq_mean", "seq_sum"] = "auto"
@@ -135,7 +135,7 @@ class EvalConfig:
     samples: int = 4
     """Sampled responses per held-out prompt (besides the greedy one), for sampled accuracy and diversity."""
     gold: list[str] = field(default_factory=list)
-    """Trusted signals ('module:function' checks or rewards, or a 'gold' reward-model dir), scored at every evaluation; the checkpoint best by the first one is exported as the final model (the last one is kept in <output_dir>/actor-last)."""
+    """Trusted signals ('module:function' checks or rewards, or a 'gold' reward-model dir), scored at every evaluation; the exported model is the latest evaluation within one standard error of the best by the first one (the last actor is kept in <output_dir>/actor-last when they differ)."""
 
     def validate(self) -> None:
         _at_least("eval.prompts", self.prompts, 1)

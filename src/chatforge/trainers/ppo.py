@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ from chatforge.generation.backends import GenerationBackend, build_backend
 from chatforge.rewards import Responses, RewardSignal, load_function, split_weight
 
 from .checkpoint import load_checkpoint, maybe_die, naming_a_full_disk, save_checkpoint, seed_everything
-from .export_choice import export_score, max_drift, reference_drift
+from .export_choice import choose, export_key, max_drift, may_compete, reference_drift
 from .guard import NonFiniteGuard, finite_or_zero, zeroed_gradients
 from .run_dir import MetricsLogger, Progress, RunDir
 from .schedule import BatchSchedule, BatchStream
@@ -421,14 +422,17 @@ class PPOTrainer:
             self._save()
 
     def _consider(self, result: dict) -> bool:
-        """Make this evaluation the export's choice when it scores best (trainers/export_choice.py); True
-        when it did."""
+        """Make this evaluation the export's choice when trainers/export_choice.py says so; True when it did."""
         gold, bound = self._gold_key(result), max_drift(self.cfg.algorithm.kl_target)
-        score = export_score(result, self.baseline, gold, bound)
-        if score is None or score <= self.best.get("score", -float("inf")):
+        learned = bool(self.cfg.reward.models)
+        if not may_compete(result, self.baseline, gold, bound, learned):
             return False
-        by = gold or f"held-out reward with the reference drift within {bound:g} nats"
-        self.best = {"step": self.step, "score": score, "tag": f"step{self.step}", "by": by}
+        key = export_key(result, gold)
+        chosen = choose(self.best, self.step, result[key], result.get(f"stderr_{key}", 0.0))
+        if chosen is None:
+            return False
+        by = gold or (f"held-out reward with the reference drift within {bound:g} nats" if learned else key)
+        self.best = {**chosen, "tag": f"step{self.step}", "by": by}
         return True
 
     def _gold_key(self, result: dict) -> str | None:
@@ -489,13 +493,19 @@ class PPOTrainer:
     def _eval_summary(self, kind: str, batches: list[dict]) -> dict[str, float]:
         """Means over every rank of each per-response value, and the diversity of all ranks' responses."""
         keys = [k for k in batches[0] if k not in ("tokens", "texts", "prompts")]
+        scored = [k for k in keys if k == "reward" or k.startswith("gold:")]  # what the export is chosen by
         local = torch.tensor(
-            [sum(float(b[k].sum()) for b in batches) for k in keys] + [sum(len(b["texts"]) for b in batches)],
+            [sum(float(b[k].sum()) for b in batches) for k in keys]
+            + [sum(float(b[k].double().square().sum()) for b in batches) for k in scored]
+            + [sum(len(b["texts"]) for b in batches)],
             dtype=torch.float64,
         )
         sums = all_reduce_sum(local) / self.sp.size
         n = max(sums[-1].item(), 1.0)
         out = {f"{k}_{kind}": sums[i].item() / n for i, k in enumerate(keys)}
+        for j, k in enumerate(scored):  # standard error of the mean over responses
+            variance = max(sums[len(keys) + j].item() / n - out[f"{k}_{kind}"] ** 2, 0.0)
+            out[f"stderr_{k}_{kind}"] = math.sqrt(variance / n)
         nll = gather_objects([v for b in batches for v in b["ref_nll"].tolist()], self.sp.size)
         out[f"ref_nll_median_{kind}"] = float(torch.tensor(nll).median()) if nll else 0.0
         tokens = gather_objects([t for b in batches for t in b["tokens"]], self.sp.size)
@@ -527,7 +537,8 @@ class PPOTrainer:
                 f"the reward rose while the greedy replies collapsed ({distinct:.0%} of held-out prompts get a "
                 f"reply of their own, {1 - base['identical_share_greedy']:.0%} for the SFT model)"
             )
-        if gain > 0 and drift is not None and bound is not None and drift > bound:
+        # Only a learned reward has blind spots to drift into; RL on rule rewards may rightly leave the SFT model.
+        if gain > 0 and drift is not None and bound is not None and drift > bound and self.cfg.reward.models:
             warnings.append(
                 f"the reward rose while the SFT model finds the median {kind} response {drift:.2f} nats less "
                 f"likely than its own (past {bound:g}, half the KL target)"
