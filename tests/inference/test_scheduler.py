@@ -142,9 +142,13 @@ def test_replies_arriving_in_a_burst_are_gathered(chat_model, wait):
     """After a batch of 3 rows, 3 replies arriving a little apart form one batch only with a wait."""
     scheduler = BatchScheduler(chat_model, max_batch_size=8, batch_wait_s=wait)
     try:
-        # Long replies make a long last batch, hence a window (half of it) far above scheduling jitter.
         requests = [(_prompt(i), {"temperature": 0, "max_new_tokens": 160}) for i in range(4)]
         _run_together(chat_model, scheduler, requests)  # batches [0], [1, 2, 3]
+        # The window is half the last batch's time: at least 1 s here, so that it is far above scheduling
+        # jitter however fast this box decodes (or early the replies end). The worker records the time just
+        # after the replies end: let it, then raise it.
+        time.sleep(0.2)
+        scheduler.stats.last_batch_s = max(scheduler.stats.last_batch_s, 1.0)
         before = scheduler.stats.batches
         gap = max(0.05, scheduler.stats.last_batch_s / 8)  # 2 gaps: a quarter of the last batch's time
         collectors = [Collector() for _ in range(3)]
