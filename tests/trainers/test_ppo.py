@@ -348,13 +348,16 @@ def test_a_later_evaluation_within_one_standard_error_of_the_best_is_exported(
     assert not [r for r in read_metrics(run / "metrics.jsonl") if r["phase"] == "guard"]
 
 
-def test_without_a_kl_target_the_last_actor_is_exported(fixture_dir, task_files, tmp_path, monkeypatch):
+def test_without_a_kl_target_the_last_actor_is_exported_and_the_log_says_it_is_unguarded(
+    fixture_dir, task_files, tmp_path, monkeypatch, caplog
+):
     run = run_with_scripted_evaluations(
         (fixture_dir, task_files, tmp_path / "run"), monkeypatch,
         {"reward_sampled": [0.0, 0.5, 0.9, 0.2], "ref_nll_median_sampled": [10.0, 9.8, 10.6, 11.0]},
         algorithm={"kl_target": None},
     )  # fmt: skip
     assert not (run / "actor-last").exists()
+    assert "nothing guards the export" in caplog.text
 
 
 def test_the_missing_eos_penalty_is_a_rule_reward(fixture_dir, task_files, tmp_path):

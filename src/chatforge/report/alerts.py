@@ -1,10 +1,10 @@
 """The warning banner at the top of a report: what an RL run's guard saw, in plain words.
 
 Three records raise it: an eval record with `warnings` > 0 (the reward rose while diversity collapsed, the
-median response's reference drift passed half the KL target, the KL passed 1.5x its target, or a gold signal fell;
-metrics.jsonl holds only the count, so the banner states the numbers behind the checks against the first
-evaluation), a `guard` record with `kl_limit_stop`, and one with `exported_step` (an earlier evaluation than
-the last was exported)."""
+median response's reference drift passed half the KL target, the KL passed 1.5x its target, or a gold
+signal fell; metrics.jsonl holds only the count, so the banner states the numbers behind the checks against
+the first evaluation), a `guard` record with `kl_limit_stop`, and one with `exported_step` (an earlier
+evaluation than the last was exported)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ def run_alerts(run: Run) -> list[str]:
         if is_number(rec.get("exported_step")):
             out.append(
                 f"the exported model is the one of evaluation step {_fmt(rec['exported_step'])}, not the last "
-                f"iteration's ({_fmt(rec.get('step'))}, kept in actor-last): later evaluations were worse by "
-                "the gold signal, or their responses drifted too far from what the SFT model would say."
+                f"iteration's ({_fmt(rec.get('step'))}, kept in actor-last): later evaluations scored lower by "
+                "the gold signal (or the held-out reward without one), or their responses drifted too far from "
+                "what the SFT model would say."
             )
     return out
 

@@ -73,6 +73,9 @@ class PPOTrainer:
         algo, r = config.algorithm, config.reward
         if algo.kl_target is None:
             self.kl_ctl = FixedKLController(algo.kl_coef)
+            if r.models and not config.eval.gold:
+                log.warning("algorithm.kl_target is null and eval.gold empty: nothing guards the export, the last "
+                            "actor is the final model however far it drifts from the SFT model")  # fmt: skip
         else:
             self.kl_ctl = AdaptiveKLController(algo.kl_coef, algo.kl_target, horizon=10_000)
         functions = [load_function(f, "reward.functions") for f in r.functions]
@@ -524,6 +527,7 @@ class PPOTrainer:
         kl = result[f"kl_{kind}"]
         signals = {"reward_gain": gain, "reward_gain_per_kl": gain / max(kl, 1e-3)}
         drift, bound = reference_drift(result, base), max_drift(self.cfg.algorithm.kl_target)
+        gold = self._gold_key(result)
         if drift is not None:
             signals["ref_drift"] = drift
         warnings = []
@@ -542,12 +546,11 @@ class PPOTrainer:
             warnings.append(
                 f"the reward rose while the SFT model finds the median {kind} response {drift:.2f} nats less "
                 f"likely than its own (past {bound:g}, half the KL target)"
-                + ("" if self._gold_key(result) else ": this evaluation cannot be the exported one")
+                + ("" if gold else ": this evaluation cannot be the exported one")
             )
         target = self.cfg.algorithm.kl_target
         if target is not None and kl > 1.5 * target:
             warnings.append(f"KL {kl:.2f} nats per response is past 1.5x the target {target:g}")
-        gold = self._gold_key(result)
         if gold is not None and gain > 0 and result[gold] < base[gold] - 0.02 * max(1.0, abs(base[gold])):
             warnings.append(f"the reward rose while {gold} fell ({base[gold]:.3g} -> {result[gold]:.3g})")
         for text in warnings:
@@ -629,9 +632,9 @@ class PPOTrainer:
                 run, self._checkpointed_engines(), {"sampler": self.sampler}, tag=self.best["tag"]
             )
             by = self.best.get("by", "the gold signal")  # checkpoints written before "by" was saved
-            log.warning("exporting iteration %d as %s, the best evaluation by %s (%.4g); the last iteration's "
-                        "actor is in %s", self.best["step"], run.final_model, by, self.best["score"],
-                        run.root / "actor-last")  # fmt: skip
+            log.warning("exporting iteration %d as %s, chosen by %s (%.4g: the latest evaluation within one "
+                        "standard error of the best); the last iteration's actor is in %s", self.best["step"],
+                        run.final_model, by, self.best["score"], run.root / "actor-last")  # fmt: skip
             self.metrics.log("guard", self.step, {"exported_step": float(self.best["step"])})
         actor.save_hf(run.final_model, self.tokenizer)
 
