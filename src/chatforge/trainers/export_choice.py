@@ -2,13 +2,13 @@
 
 With a gold signal (eval.gold) the best evaluation by it wins; with only rule rewards (no reward model),
 the best by the held-out reward. Otherwise the learned reward is all there is, and it is exactly what a
-hacking policy inflates. The KL to the reference splits into two parts: how
-much less likely the SFT model finds the policy's responses than its own (drift), and how much more certain
-the policy got (sharpening). Learning what the SFT model already half-knew is mostly sharpening; saying what
-the SFT model would not (a reward model's blind spot) is drift. So an evaluation only competes while the
-drift of its median response is at most DRIFT_SHARE of the KL target. Among the evaluations that may
-compete, the latest within one standard error of the best wins (`choose`). Pure functions of the
-evaluation records, so the choice can be tested on hand-made inputs.
+hacking policy inflates. The KL to the reference splits into two parts: how much less likely the SFT model
+finds the policy's responses than its own (drift), and how much more certain the policy got (sharpening).
+Learning what the SFT model already half-knew is mostly sharpening; saying what the SFT model would not (a
+reward model's blind spot) is drift. So an evaluation only competes while the drift of its median response
+is at most DRIFT_SHARE of the KL target. Among the evaluations that may compete, the latest within one
+standard error of the best wins (`choose`). Pure functions of the evaluation records, so the choice can be
+tested on hand-made inputs.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import math
 
 DRIFT_SHARE = 0.5
 """Share of algorithm.kl_target that the drift may take. Measured on three tasks (docs/rl-guards.md): every
-evaluation of policies that hacked a shortcut reward model drifted >= 0.8 nats per response, those that
-learned the task <= 0.15 (and mostly < 0), at the default target of 1 nat."""
+evaluation of policies that hacked a shortcut reward model drifted >= 0.77 nats per response, those that
+learned the task <= 0.19 (and mostly < 0), at the default target of 1 nat."""
 
 
 def max_drift(kl_target: float | None) -> float | None:
