@@ -26,6 +26,11 @@ def max_drift(kl_target: float | None) -> float | None:
     return None if kl_target is None else DRIFT_SHARE * kl_target
 
 
+def judged_kind(result: dict) -> str:
+    """Which responses an evaluation is judged by: the sampled ones, the greedy ones when eval.samples is 0."""
+    return "sampled" if "reward_sampled" in result else "greedy"
+
+
 def drift_key(result: dict) -> str | None:
     """The median response's reference NLL: of the sampled responses (of the greedy ones without samples)."""
     for kind in ("sampled", "greedy"):
@@ -48,7 +53,7 @@ def reference_drift(result: dict, baseline: dict) -> float | None:
 def export_key(result: dict, gold_key: str | None) -> str:
     """The figure evaluations compete by: the gold signal, else the held-out reward (sampled, or greedy
     without samples)."""
-    return gold_key or ("reward_sampled" if "reward_sampled" in result else "reward_greedy")
+    return gold_key or f"reward_{judged_kind(result)}"
 
 
 def may_compete(

@@ -54,7 +54,7 @@ from chatforge.generation.backends import GenerationBackend, build_backend
 from chatforge.rewards import Responses, RewardSignal, load_function, split_weight
 
 from .checkpoint import load_checkpoint, maybe_die, naming_a_full_disk, save_checkpoint, seed_everything
-from .export_choice import choose, export_key, max_drift, may_compete, reference_drift
+from .export_choice import choose, export_key, judged_kind, max_drift, may_compete, reference_drift
 from .guard import NonFiniteGuard, finite_or_zero, zeroed_gradients
 from .run_dir import MetricsLogger, Progress, RunDir
 from .schedule import BatchSchedule, BatchStream
@@ -441,11 +441,8 @@ class PPOTrainer:
     def _gold_key(self, result: dict) -> str | None:
         """The metric the best checkpoint is chosen by: the first gold signal's score on sampled responses
         (on greedy ones when eval.samples is 0)."""
-        for kind in ("_sampled", "_greedy"):
-            keys = [k for k in result if k.startswith("gold:") and k.endswith(kind)]
-            if keys:
-                return keys[0]
-        return None
+        kind = judged_kind(result)
+        return next((k for k in result if k.startswith("gold:") and k.endswith(f"_{kind}")), None)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
@@ -522,7 +519,7 @@ class PPOTrainer:
         if not self.baseline:
             self.baseline = dict(result)
             return {}
-        base, kind = self.baseline, "sampled" if "reward_sampled" in result else "greedy"
+        base, kind = self.baseline, judged_kind(result)
         gain = result[f"reward_{kind}"] - base[f"reward_{kind}"]
         kl = result[f"kl_{kind}"]
         signals = {"reward_gain": gain, "reward_gain_per_kl": gain / max(kl, 1e-3)}
